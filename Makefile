@@ -1,0 +1,66 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# The environment is a virtualenv in .venv; torch is installed first and pinned (a CPU build here),
+# so no multi-GB CUDA build is pulled. An existing torch is respected: if the system Python already
+# has torch (say a CUDA build on a GPU node), the venv is created with --system-site-packages and uses it.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+.PHONY: env demo test test-slow test-gpu pretrain study-mri study-ct bench clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(BIN)/python ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "using the system's torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# The main job on the embedded default data: pretrain (unless an artifact exists), then the
+# sample-efficiency study at CPU scale. Writes results/demo/{summary.csv,summary.md,sample_efficiency.png}.
+demo: env
+	@test -f results/pretrain/processor.pt || $(MAKE) pretrain
+	$(BIN)/rmr-study --config configs/study/demo.yaml
+
+test: env
+	$(BIN)/python -m pytest
+
+test-slow: env
+	$(BIN)/python -m pytest -m slow
+
+test-gpu: env
+	$(BIN)/python -m pytest -m gpu
+
+# The default processor (MPNN with edge-weighted sums on network diffusion): artifact and figures.
+pretrain: env
+	rm -rf results/pretrain/checkpoints
+	$(BIN)/rmr fit --config configs/pretrain/ndm.yaml
+	$(BIN)/rmr test --config configs/pretrain/ndm.yaml --ckpt_path last
+	@cat results/pretrain/metrics.json
+
+study-mri: env
+	@test -f results/pretrain/processor.pt || $(MAKE) pretrain
+	$(BIN)/rmr-study --config configs/study/brain_mri.yaml
+
+study-ct: env
+	@test -f results/pretrain/processor.pt || $(MAKE) pretrain
+	$(BIN)/rmr-study --config configs/study/brain_ct.yaml
+
+bench: env
+	$(BIN)/python scripts/bench_processors.py
+	$(BIN)/python scripts/bench_logging.py
+
+clean:
+	rm -rf results lightning_logs wandb

@@ -1,0 +1,377 @@
+"""Brain phantoms rendered from real anatomy: the embedded default data of the natural stage.
+
+Anatomy ships inside PyPI packages (nilearn's MNI152 2009 template and tissue maps, a Desikan-Killiany
+parcellation built from fsaverage5; see ``rmr_lightning.anatomy``). Each subject has a hidden disease
+state: 1-3 cortical seed regions and a stage (years since onset), run through the algorithm ``A``
+(network diffusion by default) on the DK84 connectome with a cohort-level diffusivity. Regional
+atrophy follows the pathology load (as in Raj et al. 2012) plus normal ageing, and thins each
+region's grey matter (CSF takes its place, with exact partial voluming at the target spacing). The
+baseline scan is rendered as T1-weighted MRI or as CT in Hounsfield units, then scanner effects come
+from TorchIO (bias field, noise, ghosting or motion, anisotropic resolution, blur, small affine).
+
+The target ``Phi(x)`` is regional atrophy at baseline and at follow-up ``horizon`` years later. It
+is identifiable from the scan plus the covariates the model gets (age, horizon): the diffusivity is
+fixed per cohort, the stage is hidden but the baseline load it produced is visible.
+
+Everything is a function of ``seed``; the cohort is generated once and cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torchio as tio
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from datamodules.scans import collate_subjects, preprocessing
+from rmr_lightning.algorithms import GraphAlgorithm, NetworkDiffusion
+from rmr_lightning.anatomy import Anatomy, load_anatomy
+from rmr_lightning.batches import ScanBatch
+from rmr_lightning.connectome import load_dk84
+
+COHORT_VERSION = 4  # bump when rendering changes: the cache key includes it
+COVARIATES = ("age", "horizon")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RMR_CACHE", Path.home() / ".cache" / "rmr_lightning"))
+
+
+# ---- the hidden disease ----------------------------------------------------------------------------
+def simulate_disease(
+    count: int,
+    rng: np.random.Generator,
+    algorithm: GraphAlgorithm,
+    cohort_params: dict[str, float],
+    observed: Tensor,
+    stage: tuple[float, float],
+    horizon: tuple[float, float],
+    age: tuple[float, float],
+) -> dict[str, Tensor]:
+    """Pathology at baseline and follow-up for ``count`` subjects on DK84.
+
+    Seeds are drawn among the regions that have voxels (``observed``, (R,) bool), so the origin of
+    the disease is visible in the scan. Returns x_baseline, x_followup (count, R) and age, horizon (count,).
+    """
+    conn, _ = load_dk84()
+    regions = conn.shape[0]
+    candidates = np.flatnonzero(observed.numpy())
+    x0 = np.zeros((count, regions))
+    for i in range(count):
+        seeds = rng.choice(candidates, size=int(rng.integers(1, 4)), replace=False)
+        x0[i, seeds] = rng.uniform(0.5, 1.0, size=len(seeds))
+    time = algorithm.time_param
+
+    def params(times: np.ndarray) -> Tensor:
+        cols = [np.full(count, cohort_params[name]) if name != time else times for name in algorithm.param_names]
+        return torch.as_tensor(np.stack(cols, axis=1))
+
+    prepared = algorithm.prepare(conn)
+    stage_years = rng.uniform(*stage, size=count)
+    horizon_years = rng.uniform(*horizon, size=count)
+    x_baseline = algorithm.run(prepared, torch.as_tensor(x0), params(stage_years))
+    x_followup = algorithm.run(prepared, x_baseline, params(horizon_years))
+    return {
+        "x_baseline": x_baseline.float(),
+        "x_followup": x_followup.float(),
+        "age": torch.as_tensor(rng.uniform(*age, size=count)).float(),
+        "horizon": torch.as_tensor(horizon_years).float(),
+    }
+
+
+def regional_atrophy(x: Tensor, age: Tensor, atrophy_scale: float, ageing_rate: float) -> Tensor:
+    """Fraction of grey matter lost per region: normal ageing after 50 plus the pathology load. (B, R)"""
+    return (ageing_rate * (age - 50.0).clamp_min(0).unsqueeze(-1) + atrophy_scale * x).clamp(0.0, 0.95)
+
+
+# ---- rendering -------------------------------------------------------------------------------------
+def subject_anatomy(anatomy: Anatomy, warp: tio.Transform | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One subject's anatomy: the template's tissue maps under a random affine (head size and pose).
+
+    All partial-volume maps move together, then the label map is derived from the moved regional
+    grey matter (as a subject-space segmentation would be), so labels and image stay consistent.
+    Returns regional GM (R + 1, X, Y, Z), WM, CSF (X, Y, Z) and the label map (X, Y, Z).
+    """
+    stack = torch.cat([anatomy.gm_by_region, anatomy.wm[None], anatomy.csf[None]])  # (R + 3, X, Y, Z)
+    if warp is not None:
+        stack = warp(tio.ScalarImage(tensor=stack, affine=anatomy.affine)).data.float().clamp(0.0, 1.0)
+    regional, wm, csf = stack[:-2], stack[-2], stack[-1]
+    best, label = regional[1:].max(0)
+    labels = torch.where(best > 0.05, label + 1, torch.zeros_like(label))
+    return regional, wm, csf, labels
+
+
+def render_tissues(regional: Tensor, wm: Tensor, csf: Tensor, atrophy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Grey matter thinned by regional atrophy (R,); the lost fraction becomes CSF. Each (X, Y, Z)."""
+    lost = torch.einsum("r,rxyz->xyz", atrophy, regional[1:])
+    return regional.sum(0) - lost, wm, csf + lost
+
+
+def tissue_contrast(modality: str, count: int, rng: np.random.Generator) -> Tensor:
+    """Per-subject mean signal of (GM, WM, CSF): T1w arbitrary units, or CT Hounsfield units. (B, 3)"""
+    if modality == "mri":
+        values = [rng.uniform(0.58, 0.64, count), rng.uniform(0.97, 1.03, count), rng.uniform(0.15, 0.22, count)]
+    else:  # unenhanced CT of the brain
+        values = [rng.uniform(35.0, 42.0, count), rng.uniform(24.0, 30.0, count), rng.uniform(2.0, 10.0, count)]
+    return torch.as_tensor(np.stack(values, axis=1)).float()
+
+
+def scanner_effects(modality: str) -> tuple[tio.Transform, tio.Transform]:
+    """TorchIO's random subject and scanner variation: (spatial, intensity), applied once per subject.
+
+    Spatial: a small affine (head size, pose). Intensity: for MRI a residual bias field (after N4),
+    gamma, ghosting or motion, anisotropic resolution, blur and Rician-like noise; for CT resolution,
+    blur and noise in Hounsfield units.
+    """
+    spatial = tio.RandomAffine(scales=0.02, degrees=2, translation=1, p=0.8)
+    if modality == "mri":
+        intensity = [
+            tio.RandomBiasField(coefficients=0.03, order=2, p=0.8),
+            tio.RandomGamma(log_gamma=0.05, p=0.5),
+            tio.OneOf({tio.RandomGhosting(intensity=(0.1, 0.3)): 0.5, tio.RandomMotion(degrees=1, translation=1): 0.5}, p=0.2),
+            tio.RandomAnisotropy(downsampling=(1.5, 2.0), p=0.1),
+            tio.RandomBlur(std=(0.0, 0.4), p=0.3),
+            tio.RandomNoise(std=(0.01, 0.03)),
+        ]
+    else:
+        intensity = [
+            tio.RandomAnisotropy(downsampling=(1.5, 2.0), p=0.1),
+            tio.RandomBlur(std=(0.0, 0.4), p=0.3),
+            tio.RandomNoise(std=(1.0, 3.0)),  # HU
+        ]
+    return spatial, tio.Compose(intensity)
+
+
+def render_cohort(
+    anatomy: Anatomy,
+    disease: dict[str, Tensor],
+    modality: str,
+    atrophy_scale: float,
+    ageing_rate: float,
+    seed: int,
+) -> dict[str, Tensor]:
+    """Baseline images, label maps and targets for a simulated cohort (deterministic given ``seed``)."""
+    rng = np.random.default_rng(seed)
+    count = len(disease["age"])
+    baseline = regional_atrophy(disease["x_baseline"], disease["age"], atrophy_scale, ageing_rate)
+    followup = regional_atrophy(disease["x_followup"], disease["age"] + disease["horizon"], atrophy_scale, ageing_rate)
+    contrast = tissue_contrast(modality, count, rng)
+    warp, effects = scanner_effects(modality)
+    observed = anatomy.region_voxels_1mm > 0
+    images, labels = [], []
+    for i in range(count):
+        torch.manual_seed(seed * 100_003 + i)  # TorchIO samples from torch's global generator
+        regional, wm, csf, label_map = subject_anatomy(anatomy, warp)
+        gm, wm, csf = render_tissues(regional, wm, csf, baseline[i])
+        image = contrast[i, 0] * gm + contrast[i, 1] * wm + contrast[i, 2] * csf  # (X, Y, Z)
+        subject = tio.Subject(
+            image=tio.ScalarImage(tensor=image[None], affine=anatomy.affine),
+            label_map=tio.LabelMap(tensor=label_map[None], affine=anatomy.affine),
+        )
+        subject = effects(subject)
+        images.append(subject["image"].data.float())
+        labels.append(subject["label_map"].data.to(torch.uint8))
+    target = torch.stack([baseline, followup], dim=-1)  # (B, R, 2)
+    target[:, ~observed] = float("nan")  # regions without voxels cannot be measured
+    state = disease["x_baseline"].clone()
+    state[:, ~observed] = float("nan")
+    return {
+        "image": torch.stack(images),
+        "labels": torch.stack(labels),
+        "covariates": torch.stack([disease["age"], disease["horizon"]], dim=1),
+        "target": target,
+        "state": state,
+    }
+
+
+class _CohortDataset(torch.utils.data.Dataset):
+    """Subjects of a cached cohort as TorchIO subjects.
+
+    The shared preprocessing is deterministic, so it runs once here rather than at every epoch.
+    """
+
+    def __init__(self, cohort: dict[str, Tensor], indices: list[int], affine: np.ndarray, transform: tio.Transform, prefix: str) -> None:
+        self.indices = indices
+        self.subjects = [self._subject(cohort, i, affine, transform, prefix) for i in indices]
+
+    @staticmethod
+    def _subject(cohort: dict[str, Tensor], i: int, affine: np.ndarray, transform: tio.Transform, prefix: str) -> tio.Subject:
+        # clone: an indexed row is a view of the whole cohort, and TorchIO deep-copies subjects
+        subject = tio.Subject(
+            image=tio.ScalarImage(tensor=cohort["image"][i].clone(), affine=affine),
+            label_map=tio.LabelMap(tensor=cohort["labels"][i].long(), affine=affine),
+            covariates=cohort["covariates"][i].clone(),
+            target=cohort["target"][i].clone(),
+            state=cohort["state"][i].clone(),
+            subject_id=f"{prefix}-{i:04d}",
+        )
+        return transform(subject)
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def __getitem__(self, index: int) -> tio.Subject:
+        return self.subjects[index]
+
+
+class BrainPhantomDataModule(L.LightningDataModule):
+    """Simulated cohorts of baseline brain scans with regional atrophy targets.
+
+    Args:
+        modality: ``"mri"`` (T1-weighted) or ``"ct"`` (Hounsfield units, brain window).
+        spacing: isotropic voxel size in mm (4 for the CPU demo, 2 on a GPU).
+        train_pool: subjects available for training; ``train_size`` of them are used.
+        train_size: training subjects (None: the whole pool); drawn with ``subset_seed``.
+        num_val, num_test: fixed validation and test cohorts.
+        algorithm: the algorithm A of the disease (default ``NetworkDiffusion()``); its non-time
+            parameters are fixed per cohort by ``cohort_params``.
+        stage, horizon, age: ranges (years) of time since onset, follow-up delay and age at baseline.
+        atrophy_scale: grey-matter fraction lost per unit of pathology load.
+        ageing_rate: grey-matter fraction lost per year after 50 (about 0.4 %/yr in cortex).
+        augment: a random gain and noise level per subject, on the device, training batches only.
+        seed: the cohort is a function of it (and of the settings above).
+    """
+
+    covariate_names = list(COVARIATES)
+
+    def __init__(
+        self,
+        modality: str = "mri",
+        spacing: int = 4,
+        train_pool: int = 128,
+        train_size: int | None = None,
+        subset_seed: int = 0,
+        num_val: int = 32,
+        num_test: int = 64,
+        algorithm: GraphAlgorithm | None = None,
+        cohort_params: dict[str, float] | None = None,
+        stage: tuple[float, float] = (1.0, 8.0),
+        horizon: tuple[float, float] = (1.0, 4.0),
+        age: tuple[float, float] = (60.0, 85.0),
+        atrophy_scale: float = 0.6,
+        ageing_rate: float = 0.004,
+        augment: bool = True,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if modality not in ("mri", "ct"):
+            raise ValueError(f"modality must be 'mri' or 'ct', got {modality!r}")
+        if train_size is not None and not 1 <= train_size <= train_pool:
+            raise ValueError(f"train_size must lie in 1..train_pool ({train_pool}), got {train_size}")
+        self.save_hyperparameters(ignore=["algorithm"])
+        self.algorithm = algorithm if algorithm is not None else NetworkDiffusion()
+        self.cohort_params = dict(cohort_params or {"gamma": 0.15})
+        missing = set(self.algorithm.param_names) - {self.algorithm.time_param} - set(self.cohort_params)
+        if missing:
+            raise ValueError(f"cohort_params must fix {sorted(missing)} for {self.algorithm!r}")
+        self.cohort: dict[str, Tensor] | None = None
+        self.datasets: dict[str, _CohortDataset] = {}
+
+    @property
+    def num_regions(self) -> int:
+        return 84
+
+    def _key(self, anatomy_hash: str) -> str:
+        settings = {k: v for k, v in self.hparams.items() if k not in ("train_size", "subset_seed", "batch_size", "num_workers", "cache_dir", "augment")}
+        settings.update(algorithm=repr(self.algorithm), cohort_params=self.cohort_params, version=COHORT_VERSION, anatomy=anatomy_hash)
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _generate(self, anatomy: Anatomy) -> dict[str, Tensor]:
+        hp = self.hparams
+        parts = []
+        for offset, count in enumerate((hp.train_pool, hp.num_val, hp.num_test)):
+            rng = np.random.default_rng(hp.seed * 1000 + offset)
+            disease = simulate_disease(
+                count, rng, self.algorithm, self.cohort_params, anatomy.region_voxels_1mm > 0, hp.stage, hp.horizon, hp.age
+            )
+            parts.append(render_cohort(anatomy, disease, hp.modality, hp.atrophy_scale, hp.ageing_rate, hp.seed * 1000 + offset))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def prepare_data(self) -> None:
+        """Generate and cache the cohort once (rank 0); later runs and other ranks load it."""
+        self._load_or_generate()
+
+    def _load_or_generate(self) -> dict[str, Tensor]:
+        anatomy = load_anatomy(self.hparams.spacing, cache_dir=self.hparams.cache_dir)
+        cache_dir = Path(self.hparams.cache_dir) if self.hparams.cache_dir else default_cache_dir()
+        anatomy_hash = hashlib.sha256(anatomy.labels.numpy().tobytes()).hexdigest()[:12]
+        path = cache_dir / f"phantom_{self.hparams.modality}_{self.hparams.spacing}mm_{self._key(anatomy_hash)}.pt"
+        if path.is_file():
+            cohort = torch.load(path, weights_only=True)
+        else:
+            rank_zero_info(f"rendering {self.hparams.train_pool + self.hparams.num_val + self.hparams.num_test} phantom subjects -> {path}")
+            cohort = self._generate(anatomy)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({**cohort, "affine": torch.as_tensor(anatomy.affine)}, tmp)
+            tmp.replace(path)
+            cohort["affine"] = torch.as_tensor(anatomy.affine)
+        return cohort
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:  # idempotent
+            return
+        hp = self.hparams
+        self.cohort = self._load_or_generate()
+        affine = self.cohort["affine"].numpy()
+        shape = tuple(self.cohort["image"].shape[-3:])
+        transform = preprocessing(hp.spacing, shape, hp.modality)
+        pool = list(range(hp.train_pool))
+        if hp.train_size is not None:
+            pool = sorted(np.random.default_rng(hp.subset_seed).permutation(hp.train_pool)[: hp.train_size].tolist())
+        val = list(range(hp.train_pool, hp.train_pool + hp.num_val))
+        test = list(range(hp.train_pool + hp.num_val, hp.train_pool + hp.num_val + hp.num_test))
+        for name, idx in (("train", pool), ("val", val), ("test", test)):
+            self.datasets[name] = _CohortDataset(self.cohort, idx, affine, transform, prefix=f"phantom-{hp.modality}")
+
+    def train_table(self) -> tuple[Tensor, Tensor]:
+        """Targets (n, R, 2) and covariates (n, C) of the training subjects, without reading images."""
+        idx = self.datasets["train"].indices
+        return self.cohort["target"][idx], self.cohort["covariates"][idx]
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        return tio.SubjectsLoader(
+            self.datasets[name],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(self.datasets[name]) > self.hparams.batch_size,
+            collate_fn=collate_subjects,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch: ScanBatch, dataloader_idx: int) -> ScanBatch:
+        """Intensity augmentation on the device (training only): a random gain and noise level per subject."""
+        trainer = getattr(self, "trainer", None)
+        if not (self.hparams.augment and trainer is not None and trainer.training):
+            return batch
+        image = batch.image
+        bsz = image.shape[0]
+        shape = (bsz, 1, 1, 1, 1)
+        scale = 1.0 + 0.05 * torch.randn(shape, device=image.device)
+        noise = 0.03 * torch.rand(shape, device=image.device) * torch.randn_like(image)
+        batch.image = image * scale + noise
+        return batch

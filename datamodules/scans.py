@@ -1,0 +1,70 @@
+"""What every scan datamodule hands the natural stage: one batch layout and one preprocessing.
+
+Phantoms and user scans go through the same ``preprocessing`` (TorchIO: canonical orientation,
+resampling to an isotropic spacing, crop/pad to a fixed shape, intensity normalisation or CT
+windowing) and the same ``collate_subjects``, so the model never knows where a scan came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torchio as tio
+
+from rmr_lightning.batches import ScanBatch
+
+__all__ = ["CT_WINDOW", "MODALITIES", "ScanBatch", "collate_subjects", "preprocessing"]
+
+MODALITIES = ("mri", "ct")
+#: Brain window for CT in Hounsfield units (level 40, width 80).
+CT_WINDOW = (0.0, 80.0)
+
+
+def preprocessing(
+    spacing: float,
+    shape: Sequence[int],
+    modality: str = "mri",
+    ct_window: tuple[float, float] = CT_WINDOW,
+) -> tio.Compose:
+    """The deterministic preprocessing shared by phantoms and user scans.
+
+    ``shape`` is in TorchIO's voxel order after ``ToCanonical``: (left-right, back-front, bottom-top).
+    Cropping and padding centre on the label map, so a wide field of view cannot cut the brain off.
+
+    MRI: z-score over the brain (voxels inside the label map), so contrast and scanner gain drop out.
+    CT: clamp to the brain window (Hounsfield units) and rescale it to [0, 1]; HU are absolute, so no
+    per-subject statistics are used.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    if spacing <= 0:
+        raise ValueError(f"spacing must be positive (mm), got {spacing}")
+    if len(shape) != 3 or any(int(s) < 1 for s in shape):
+        raise ValueError(f"shape must be three positive sizes (x, y, z voxels), got {shape}")
+    spatial = [
+        tio.CopyAffine("image"),  # label maps saved in float32 differ from the image's affine by ~1e-6
+        tio.ToCanonical(),
+        tio.Resample(float(spacing)),
+        tio.CropOrPad(tuple(int(s) for s in shape), mask_name="label_map"),  # centred on the brain
+    ]
+    if modality == "mri":
+        intensity = [tio.ZNormalization(masking_method="label_map")]
+    else:
+        low, high = ct_window
+        if not low < high:
+            raise ValueError(f"ct_window must be (low, high) with low < high in HU, got {ct_window}")
+        intensity = [tio.Clamp(low, high), tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(low, high))]
+    return tio.Compose(spatial + intensity)
+
+
+def collate_subjects(subjects: list[tio.Subject]) -> ScanBatch:
+    """Stack TorchIO subjects into a ``ScanBatch`` (used as ``collate_fn`` of the loaders)."""
+    return ScanBatch(
+        image=torch.stack([s["image"].data.float() for s in subjects]),
+        labels=torch.stack([s["label_map"].data.long() for s in subjects]),
+        covariates=torch.stack([torch.as_tensor(s["covariates"], dtype=torch.float32) for s in subjects]),
+        target=torch.stack([torch.as_tensor(s["target"], dtype=torch.float32) for s in subjects]),
+        state=torch.stack([torch.as_tensor(s["state"], dtype=torch.float32) for s in subjects]),
+        subject_ids=[str(s["subject_id"]) for s in subjects],
+    )

@@ -1,0 +1,36 @@
+"""Short names for processors, registered through the entry-point group ``rmr_lightning.processors``.
+
+A third-party package adds one with, in its ``pyproject.toml``::
+
+    [project.entry-points."rmr_lightning.processors"]
+    my_gnn = "my_package.module:MyProcessor"
+
+No list of names lives in code: the installed entry points are the registry.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import EntryPoint, entry_points
+
+from processors.base import Processor
+
+ENTRY_POINT_GROUP = "rmr_lightning.processors"
+
+
+def available_processors() -> dict[str, EntryPoint]:
+    """Registered short names -> entry points (read afresh, so new installs are seen)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def resolve_processor(name: str) -> type[Processor]:
+    """The processor class registered under ``name``; the error lists the valid names."""
+    registry = available_processors()
+    if name not in registry:
+        raise ValueError(
+            f"unknown processor {name!r}; registered names: {sorted(registry)} "
+            f"(or give a class_path to any Processor subclass)"
+        )
+    cls = registry[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, Processor)):
+        raise TypeError(f"entry point {name!r} -> {cls!r} is not a subclass of processors.base.Processor")
+    return cls

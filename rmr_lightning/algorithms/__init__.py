@@ -1,0 +1,22 @@
+"""Known algorithms ``A``: exact, batched, pure torch (CPU or GPU, float32 or float64)."""
+
+from rmr_lightning.algorithms.base import GraphAlgorithm
+from rmr_lightning.algorithms.diffusion import (
+    DiffusionSpectrum,
+    network_diffusion,
+    random_walk_laplacian,
+    row_normalised,
+)
+from rmr_lightning.algorithms.fkpp import fisher_kpp
+from rmr_lightning.algorithms.tasks import FisherKPP, NetworkDiffusion
+
+__all__ = [
+    "DiffusionSpectrum",
+    "FisherKPP",
+    "GraphAlgorithm",
+    "NetworkDiffusion",
+    "fisher_kpp",
+    "network_diffusion",
+    "random_walk_laplacian",
+    "row_normalised",
+]

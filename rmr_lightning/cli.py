@@ -1,0 +1,123 @@
+"""``rmr``: the LightningCLI of rmr_lightning (fit / validate / test / predict).
+
+Models and data are chosen by ``class_path`` in YAML (jsonargparse imports what a config names), so
+this file imports neither stage modules nor datamodules. Processors registered in the entry-point
+group ``rmr_lightning.processors`` are imported first, so their class names resolve too.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from pathlib import Path
+
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from processors.registry import available_processors
+from rmr_lightning.logging import WANDB_ID_KEY, RunIdentity, SaveAndLogConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "ndm.yaml"
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def wandb_logged_in() -> bool:
+    """True when an API key is available (environment or ~/.netrc), without any network call."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def default_wandb_mode() -> None:
+    """W&B runs offline unless the user logged in or chose ``WANDB_MODE`` themselves."""
+    if "WANDB_MODE" not in os.environ and not wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def _data_abstract_spec(datamodule) -> dict | None:
+    return getattr(datamodule, "abstract_spec", None)
+
+
+def _data_covariate_names(datamodule) -> list[str] | None:
+    return getattr(datamodule, "covariate_names", None)
+
+
+def _resolve_checkpoint(ckpt_path: str, callbacks: list[Any]) -> Path | None:
+    """The file ``--ckpt_path`` names, with ``last`` looked up in the ModelCheckpoint folders of the config."""
+    if ckpt_path not in ("last", "best", "hpc", "registry"):
+        return Path(ckpt_path) if Path(ckpt_path).is_file() else None
+    if ckpt_path != "last":
+        return None
+    found = []
+    for cb in callbacks or []:
+        dirpath = getattr(getattr(cb, "init_args", None), "dirpath", None)
+        if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint") and dirpath:
+            found += list(Path(dirpath).glob("last*.ckpt"))
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+class RMRCLI(LightningCLI):
+    """LightningCLI with the links that keep numbers from being typed twice, and W&B run resumption."""
+
+    def before_instantiate_classes(self) -> None:
+        """``fit --ckpt_path ...`` continues the W&B run the checkpoint was written by."""
+        if self.subcommand != "fit":
+            return
+        config = self.config[self.subcommand]
+        logger = config.trainer.logger
+        if not config.ckpt_path or not str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
+            return
+        path = _resolve_checkpoint(str(config.ckpt_path), config.trainer.callbacks)
+        if path is None:
+            return
+        run_id = torch.load(path, map_location="cpu", weights_only=False).get(WANDB_ID_KEY)
+        if run_id:
+            logger.init_args.id = run_id
+            logger.init_args.resume = "allow"
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The pretraining module's input layout comes from the datamodule's algorithm.
+        parser.link_arguments("data", "model.init_args.abstract_spec", compute_fn=_data_abstract_spec, apply_on="instantiate")
+        # The fine-tuning module reads covariates in the order the datamodule writes them.
+        parser.link_arguments("data", "model.init_args.covariate_names", compute_fn=_data_covariate_names, apply_on="instantiate")
+
+
+def _with_default_config(args: list[str]) -> list[str]:
+    if args and args[0] in SUBCOMMANDS and not any(a == "--config" or a.startswith("--config=") for a in args):
+        if DEFAULT_CONFIG.is_file():
+            return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
+    return args
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> RMRCLI:
+    """Entry point of ``rmr``; ``args`` lets tests drive the CLI in-process."""
+    default_wandb_mode()
+    for entry in available_processors().values():  # third-party processors become resolvable by name
+        entry.load()
+    argv = _with_default_config(list(sys.argv[1:] if args is None else args))
+    if args is None:  # LightningCLI reads sys.argv itself and warns when given both
+        sys.argv[1:] = argv
+    return RMRCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=SaveAndLogConfig,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [RunIdentity()]},
+        args=None if args is None else argv,
+        run=run,
+    )
+
+
+def main() -> None:
+    """Console script ``rmr`` (returns nothing, so the exit status is 0 on success)."""
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Stage 2 of RMR: a new scan encoder ``f'`` and decoder ``g'`` around a frozen pretrained ``P``.
+
+Encode: a 3D CNN pools voxel features into one vector per atlas region; a small head maps each region
+(with the covariates) to the abstract state ``x'`` the processor was trained on, and the pretrained
+linear ``f`` embeds ``[x', cohort parameters, horizon]`` into ``P``'s latent space. Mapping into the
+abstract inputs first keeps ``f'(x)`` on the manifold of latents ``P`` saw in pretraining (latent
+alignment; RMR, Velickovic et al. 2022, Sec. 3). Process: ``P`` on the connectome. Decode: ``g'`` reads
+baseline and follow-up values per region from ``[z, P(z)]``.
+
+Variants (chosen in config) differ only in where ``f`` and ``P`` come from and whether they learn:
+
+=========  ======================  =========  ===============================================
+variant    f and P start from      learn?     what it tests
+=========  ======================  =========  ===============================================
+rmr        the artifact            no         RMR: the reasoning is already in P
+unfrozen   the artifact            yes        does freezing help with few scans?
+scratch    random init             yes        the graph prior without the pretraining
+random_p   random init             no         a frozen random graph network
+baseline   random init, P -> MLP   yes        no processor, same depth and width, no graph
+=========  ======================  =========  ===============================================
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanAbsoluteError, MetricCollection, PearsonCorrCoef, R2Score
+
+from processors.base import Processor
+from processors.mlp import MLPProcessor
+from rmr_lightning.artifact import load_processor_artifact
+from rmr_lightning.batches import ScanBatch
+from rmr_lightning.connectome import batch_graph, graph_tensors, load_dk84
+from rmr_lightning.encoders import RegionCNN
+
+Variant = Literal["rmr", "baseline", "scratch", "unfrozen", "random_p"]
+
+
+@dataclass(frozen=True)
+class VariantPolicy:
+    pretrained: bool  # f and P start from the artifact's weights
+    trainable: bool  # f and P learn together with f' and g'
+    graph_free: bool = False  # P is replaced by a node-wise MLP of the same depth and width
+
+
+POLICIES: dict[str, VariantPolicy] = {
+    "rmr": VariantPolicy(pretrained=True, trainable=False),
+    "unfrozen": VariantPolicy(pretrained=True, trainable=True),
+    "scratch": VariantPolicy(pretrained=False, trainable=True),
+    "random_p": VariantPolicy(pretrained=False, trainable=False),
+    "baseline": VariantPolicy(pretrained=False, trainable=True, graph_free=True),
+}
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """The one place parameters are frozen: no gradients, eval mode (kept by ``train()`` below)."""
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module.eval()
+
+
+def _reinitialise(module: nn.Module) -> nn.Module:
+    fresh = copy.deepcopy(module)
+    for sub in fresh.modules():
+        if hasattr(sub, "reset_parameters"):
+            sub.reset_parameters()
+    return fresh
+
+
+def _stage_metrics(stage: str) -> nn.ModuleDict:
+    """Metric objects of one stage: of the change (the headline), of the follow-up, of the readout."""
+    return nn.ModuleDict(
+        {
+            "change": MetricCollection({"mae": MeanAbsoluteError(), "r2": R2Score()}, prefix=f"{stage}/"),
+            "mae_followup": MeanAbsoluteError(),
+            "state_corr": PearsonCorrCoef(),
+        }
+    )
+
+
+class FrozenProcessorFinetuning(L.LightningModule):
+    """``g'(P(f'(x)))`` for regional baseline and follow-up values from a baseline scan.
+
+    Args:
+        processor_artifact: ``processor.pt`` written by pretraining (``make pretrain``).
+        variant: one of ``rmr``, ``baseline``, ``scratch``, ``unfrozen``, ``random_p`` (table above).
+        encoder: region encoder, ``(image, labels, R) -> (features (B, R, C), counts (B, R))`` with an
+            ``out_channels`` attribute (default ``RegionCNN()``).
+        covariate_names: names of the batch's covariate columns (linked from the datamodule).
+        time_covariate: the covariate that is the algorithm's time parameter (years to follow-up).
+        head_hidden: width of the per-region head that maps pooled features to the abstract state.
+        change_weight: weight of the loss on the change (follow-up minus baseline), the headline.
+        optimizer, lr_scheduler: injected callables.
+    """
+
+    def __init__(
+        self,
+        processor_artifact: str = "results/pretrain/processor.pt",
+        variant: Variant = "rmr",
+        encoder: nn.Module | None = None,
+        covariate_names: list[str] | None = None,
+        time_covariate: str = "horizon",
+        head_hidden: int = 32,
+        change_weight: float = 1.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if variant not in POLICIES:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(POLICIES)}")
+        self.save_hyperparameters(ignore=["encoder", "optimizer", "lr_scheduler"])
+        covariate_names = list(covariate_names or ["age", "horizon"])
+        if time_covariate not in covariate_names:
+            raise ValueError(f"time_covariate {time_covariate!r} is not among the covariates {covariate_names}")
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        policy = POLICIES[variant]
+
+        artifact = load_processor_artifact(processor_artifact)
+        self.artifact_sha256 = artifact.sha256
+        spec = artifact.abstract_spec
+        self.param_names: list[str] = list(spec["param_names"])
+        self.max_time: float | None = spec.get("max_time")
+        self.time_index = self.param_names.index(spec["time_param"])
+        self.time_covariate_index = covariate_names.index(time_covariate)
+        self.register_buffer("param_scale", torch.tensor(spec["param_scale"], dtype=torch.float32), persistent=False)
+
+        conn, self.region_names = load_dk84()
+        edge_index, edge_weight = graph_tensors(conn)
+        self.register_buffer("edge_index", edge_index, persistent=False)
+        self.register_buffer("edge_weight", edge_weight, persistent=False)
+        self.num_regions = conn.shape[0]
+        hidden = artifact.processor.hidden_dim
+
+        # ---- f': CNN -> regional features -> abstract state -> (pretrained) linear f -> latent
+        self.encoder = encoder if encoder is not None else RegionCNN()
+        channels = int(self.encoder.out_channels)
+        num_cov = len(covariate_names)
+        # head input per region: its features, the subject's mean feature (contrast, scanner), presence, covariates
+        self.state_head = nn.Sequential(nn.Linear(2 * channels + 1 + num_cov, head_hidden), nn.ReLU(), nn.Linear(head_hidden, 1))
+        self.state_bias = nn.Parameter(torch.zeros(self.num_regions))  # regions differ in partial volume
+        # Cohort-level parameters of A other than time (e.g. gamma), learned in scaled units, start mid-range.
+        self.cohort_params = nn.Parameter(torch.full((len(self.param_names),), 0.5))
+        self.abstract_encoder = artifact.encoder if policy.pretrained else _reinitialise(artifact.encoder)
+
+        # ---- P
+        if policy.graph_free:
+            self.processor: Processor = MLPProcessor(hidden, num_layers=artifact.processor.num_layers)
+        else:
+            self.processor = artifact.processor if policy.pretrained else _reinitialise(artifact.processor)
+
+        # ---- g': [z, P(z)] -> (baseline, change) per region, in units standardised on the training set
+        self.decoder = nn.Linear(2 * hidden, 2)
+        self.covariate_decoder = nn.Linear(num_cov, 2)
+        self.region_bias = nn.Parameter(torch.zeros(self.num_regions, 2))
+        self.readout_decoder = artifact.decoder  # g (pretrained): reads the current state from f'(x)
+        # Standardisation of covariates and targets, measured on the training set at the start of fit.
+        self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("covariate_mean", torch.zeros(num_cov))
+        self.register_buffer("covariate_std", torch.ones(num_cov))
+        self.register_buffer("target_mean", torch.zeros(self.num_regions, 3))  # baseline, follow-up, change
+        self.register_buffer("target_std", torch.ones(3))
+
+        self.frozen = ["readout_decoder"] + ([] if policy.trainable else ["abstract_encoder", "processor"])
+        for name in self.frozen:
+            freeze(getattr(self, name))
+
+        self.train_metrics = _stage_metrics("train")
+        self.val_metrics = _stage_metrics("val")
+        self.test_metrics = _stage_metrics("test")
+
+    def train(self, mode: bool = True) -> "FrozenProcessorFinetuning":
+        """Lightning calls ``train()`` every epoch; frozen parts stay in eval mode."""
+        super().train(mode)
+        for name in self.frozen:
+            getattr(self, name).eval()
+        return self
+
+    # ---- encode / process / decode -------------------------------------------------------------
+    def abstract_params(self, covariates: Tensor) -> Tensor:
+        """Scaled parameters of A per subject: learned cohort values, the horizon from the covariates. (B, P)"""
+        horizon = covariates[:, self.time_covariate_index]
+        if self.max_time and bool((horizon > self.max_time * (1 + 1e-6)).any()):
+            raise ValueError(
+                f"a follow-up horizon of {float(horizon.max()):.2f} exceeds the longest the processor was "
+                f"pretrained on ({self.max_time}); pretrain with a longer time range"
+            )
+        params = self.cohort_params.unsqueeze(0).expand(len(horizon), -1).clone()
+        params[:, self.time_index] = horizon / self.param_scale[self.time_index]
+        return params
+
+    def encode(self, b: ScanBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """f'(x): returns latents (B*R, H), the estimated abstract state (B, R) and scaled covariates (B, C)."""
+        if b.target.shape[1] != self.num_regions:
+            raise ValueError(f"batch has {b.target.shape[1]} regions but the connectome has {self.num_regions}")
+        pooled, counts = self.encoder(b.image, b.labels, self.num_regions)  # (B, R, C), (B, R)
+        present = (counts > 0).float().unsqueeze(-1)  # (B, R, 1)
+        context = (pooled * present).sum(1, keepdim=True) / present.sum(1, keepdim=True).clamp_min(1)  # (B, 1, C)
+        cov = (b.covariates - self.covariate_mean) / self.covariate_std  # (B, C)
+        bsz, regions = counts.shape
+        head_in = torch.cat([pooled, context.expand_as(pooled), present, cov.unsqueeze(1).expand(bsz, regions, -1)], dim=-1)
+        state = self.state_head(head_in).squeeze(-1) + self.state_bias  # (B, R)
+        params = self.abstract_params(b.covariates)  # (B, P)
+        abstract = torch.cat([state.unsqueeze(-1), params.unsqueeze(1).expand(bsz, regions, -1)], dim=-1)  # (B, R, 1 + P)
+        return self.abstract_encoder(abstract.reshape(bsz * regions, -1)), state, cov
+
+    def process(self, z: Tensor, num_subjects: int) -> Tensor:
+        """P on the connectome of every subject. (B*R, H) -> (B*R, H)"""
+        edges, weights, batch = batch_graph(self.edge_index, self.edge_weight, self.num_regions, num_subjects)
+        return self.processor(z, edge_index=edges, edge_weight=weights, batch=batch)
+
+    def forward(self, b: ScanBatch) -> dict[str, Tensor]:
+        """Standardised (baseline, change) ``raw`` (B, R, 2), the prediction (B, R, 2) and the readout (B, R)."""
+        z, state, cov = self.encode(b)
+        z_next = self.process(z, b.batch_size)
+        bsz = b.batch_size
+        raw = self.decoder(torch.cat([z, z_next], dim=-1)).reshape(bsz, self.num_regions, 2)
+        raw = raw + self.covariate_decoder(cov).unsqueeze(1) + self.region_bias  # (B, R, 2)
+        baseline = self.target_mean[:, 0] + self.target_std[0] * raw[..., 0]
+        change = self.target_mean[:, 2] + self.target_std[2] * raw[..., 1]
+        readout = self.readout_decoder(z).reshape(bsz, self.num_regions)  # g(f'(x)): the current state
+        return {"prediction": torch.stack([baseline, baseline + change], dim=-1), "state_estimate": state, "readout": readout}
+
+    # ---- standardisation -------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Measure covariate and target statistics on the training set once (kept in checkpoints)."""
+        if bool(self.stats_ready):
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise RuntimeError("FrozenProcessorFinetuning needs a datamodule (its training targets set the scales)")
+        if hasattr(datamodule, "train_table"):
+            targets, covariates = datamodule.train_table()
+        else:  # any datamodule of ScanBatches: one pass over its training data
+            batches = list(datamodule.train_dataloader())
+            targets = torch.cat([b.target for b in batches])
+            covariates = torch.cat([b.covariates for b in batches])
+        targets, covariates = targets.to(self.device).float(), covariates.to(self.device).float()
+        levels = torch.stack([targets[..., 0], targets[..., 1], targets[..., 1] - targets[..., 0]], dim=-1)  # (n, R, 3)
+        mean = torch.nanmean(levels, dim=0)
+        self.target_mean.copy_(torch.where(torch.isfinite(mean), mean, torch.zeros_like(mean)))
+        centred = levels - self.target_mean
+        std = torch.sqrt(torch.nanmean(centred.reshape(-1, 3) ** 2, dim=0))
+        self.target_std.copy_(torch.where(torch.isfinite(std) & (std > 0), std, torch.ones_like(std)))
+        self.covariate_mean.copy_(covariates.mean(0))
+        self.covariate_std.copy_(covariates.std(0).nan_to_num(1.0).clamp_min(1e-6) if len(covariates) > 1 else torch.ones_like(self.covariate_std))
+        self.stats_ready.fill_(True)
+
+    # ---- one shared step -------------------------------------------------------------------------
+    def model_step(self, b: ScanBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean squared error of baseline, follow-up and change, each in units of its training spread."""
+        out = self(b)
+        pred, target = out["prediction"], b.target
+        terms = [
+            (pred[..., 0], target[..., 0], self.target_std[0], 1.0),
+            (pred[..., 1], target[..., 1], self.target_std[1], 1.0),
+            (pred[..., 1] - pred[..., 0], target[..., 1] - target[..., 0], self.target_std[2], self.hparams.change_weight),
+        ]
+        loss = pred.new_zeros(())
+        for value, truth, scale, weight in terms:
+            known = torch.isfinite(truth)
+            if known.any():
+                loss = loss + weight * nn.functional.mse_loss(value[known] / scale, truth[known] / scale)
+        return loss, out
+
+    def _shared(self, stage: str, b: ScanBatch) -> Tensor:
+        loss, out = self.model_step(b)
+        metrics = getattr(self, f"{stage}_metrics")
+        pred, target = out["prediction"].detach(), b.target
+        log = {"batch_size": b.batch_size, "on_step": False, "on_epoch": True}
+        both = torch.isfinite(target).all(-1)
+        if both.any():
+            metrics["change"].update((pred[..., 1] - pred[..., 0])[both], (target[..., 1] - target[..., 0])[both])
+            self.log_dict(metrics["change"], prog_bar=stage == "val", **log)
+        follow = torch.isfinite(target[..., 1])
+        if follow.any():
+            metrics["mae_followup"].update(pred[..., 1][follow], target[..., 1][follow])
+            self.log(f"{stage}/mae_followup", metrics["mae_followup"], **log)
+        known = torch.isfinite(b.state)
+        if stage != "train" and known.sum() > 1:
+            metrics["state_corr"].update(out["readout"][known].detach(), b.state[known])
+            self.log(f"{stage}/state_corr", metrics["state_corr"], **log)
+        self.log(f"{stage}/loss", loss, batch_size=b.batch_size, on_step=stage == "train", on_epoch=True, sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, b: ScanBatch, batch_idx: int) -> Tensor:
+        return self._shared("train", b)
+
+    def validation_step(self, b: ScanBatch, batch_idx: int) -> None:
+        self._shared("val", b)
+
+    def test_step(self, b: ScanBatch, batch_idx: int) -> None:
+        self._shared("test", b)
+
+    def predict_step(self, b: ScanBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Per subject: predicted follow-up and baseline per region, and the decoded current state."""
+        out = self(b)
+        return {
+            "subject_ids": b.subject_ids,
+            "followup": out["prediction"][..., 1].cpu(),
+            "baseline": out["prediction"][..., 0].cpu(),
+            "state": out["readout"].cpu(),
+        }
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}

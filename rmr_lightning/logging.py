@@ -1,0 +1,54 @@
+"""What every run records: the resolved config (beside the checkpoints and in the logger), the
+identity of the processor artifact, and the W&B run id that lets a resumed run continue its W&B run.
+
+Patient identifiers never go to a logger: only pseudonymous subject ids from the manifest exist in
+batches, and nothing here logs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+
+WANDB_ID_KEY = "rmr_wandb_run_id"
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """LightningCLI's config saver, extended: ``config.yaml`` also beside the checkpoints, and the whole
+    nested config (not only flattened hyperparameters) sent to every logger (rank 0 only)."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        checkpoint = trainer.checkpoint_callback
+        dirpath = getattr(checkpoint, "dirpath", None)
+        if dirpath:
+            Path(dirpath).mkdir(parents=True, exist_ok=True)
+            (Path(dirpath) / self.config_filename).write_text(text)
+        nested = self.config.clone().as_dict()
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update({"cli": nested}, allow_val_change=True)
+            else:
+                logger.log_hyperparams({"cli_config": text})
+
+
+class RunIdentity(L.Callback):
+    """Records on each run what identifies it: the processor artifact's sha256 and the variant (natural
+    runs), and keeps the W&B run id in checkpoints so ``--ckpt_path`` resumes the same W&B run."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        identity = {k: getattr(pl_module, a) for k, a in (("processor_sha256", "artifact_sha256"),) if hasattr(pl_module, a)}
+        if "variant" in getattr(pl_module, "hparams", {}):
+            identity["variant"] = pl_module.hparams.variant
+        if identity and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_hyperparams(identity)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                checkpoint[WANDB_ID_KEY] = logger.version

@@ -1,0 +1,145 @@
+"""Stage 1 of RMR: pretrain a processor ``P`` to emulate an algorithm ``A`` on abstract data.
+
+``y'_hat = g(P(f(x')))`` with linear encoder ``f`` and decoder ``g`` (Velickovic et al. 2022, Sec. 3).
+Because ``P(z) = z + core(z)``, the loss ``|g(P(f(x'))) - y'|^2 + |g(f(x')) - x'|^2`` makes ``g`` read
+the current state from a latent and ``g(core(z))`` the change, so the latent keeps the meaning of the
+abstract state (used for the interpretable readout and for rollouts). Horizons longer than any seen in
+training are reached as an algorithm would: ``P`` is applied as a rollout of steps no longer than the
+longest training horizon, decoding and re-encoding the state between steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanSquaredError, MetricCollection, R2Score
+
+from processors.base import Processor
+from processors.registry import resolve_processor
+from rmr_lightning.batches import GraphBatch
+from rmr_lightning.rollout import rollout
+
+ProcessorFactory = Callable[[int], Processor]
+
+
+def build_processor(processor: ProcessorFactory | str, hidden_dim: int) -> Processor:
+    """A processor of width ``hidden_dim`` from a registered short name or a class/partial."""
+    factory = resolve_processor(processor) if isinstance(processor, str) else processor
+    built = factory(hidden_dim)
+    if not isinstance(built, Processor):
+        raise TypeError(f"processor factory returned {type(built).__name__}, not a processors.base.Processor")
+    return built
+
+
+def _metrics() -> MetricCollection:
+    return MetricCollection({"mse": MeanSquaredError(), "r2_delta": R2Score()})
+
+
+class ProcessorPretraining(L.LightningModule):
+    """Linear ``f``, processor ``P``, linear ``g``; MSE on ``y'``.
+
+    Args:
+        processor: short name registered in ``rmr_lightning.processors`` or a class_path (its
+            ``hidden_dim`` is filled in here).
+        hidden_dim: latent width shared by f, P and g.
+        abstract_spec: parameter names/scales and rollout bound of the algorithm; the CLI links it
+            from the datamodule, so it is never typed in YAML.
+        reconstruction_weight: weight of ``|g(f(x')) - x'|^2``.
+        optimizer, lr_scheduler: injected callables (LightningCLI).
+    """
+
+    def __init__(
+        self,
+        processor: str | ProcessorFactory = "mpnn",
+        hidden_dim: int = 128,
+        abstract_spec: dict | None = None,
+        reconstruction_weight: float = 1.0,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        spec = abstract_spec or {"param_names": ["gamma", "t"], "param_scale": [0.6, 4.0], "time_param": "t", "max_time": 4.0}
+        self.abstract_spec = dict(spec)
+        self.register_buffer("param_scale", torch.tensor(spec["param_scale"], dtype=torch.float32), persistent=False)
+        self.time_index = spec["param_names"].index(spec["time_param"]) if spec.get("time_param") else None
+        self.max_time = spec.get("max_time")
+        self.encoder = nn.Linear(1 + len(spec["param_names"]), hidden_dim)  # f: [x', params] -> z
+        self.processor = build_processor(processor, hidden_dim)  # P
+        self.decoder = nn.Linear(hidden_dim, 1)  # g: z -> state
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.train_metrics = _metrics().clone(prefix="train/")
+        self.val_metrics = _metrics().clone(prefix="val/")
+        self.test_metrics = nn.ModuleDict()
+
+    # ---- encode / process / decode -------------------------------------------------------------
+    def encode(self, x: Tensor, params: Tensor, batch: Tensor) -> Tensor:
+        """f: x (N,), params (G, P) -> z (N, H)."""
+        feats = torch.cat([x.unsqueeze(-1), (params / self.param_scale)[batch]], dim=-1)  # (N, 1 + P)
+        return self.encoder(feats)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """g: z (N, H) -> state (N,)."""
+        return self.decoder(z).squeeze(-1)
+
+    def step(self, x: Tensor, params: Tensor, b: GraphBatch) -> Tensor:
+        """One application of ``g(P(f(.)))``: state (N,) -> next state (N,)."""
+        z = self.encode(x, params, b.batch)
+        return self.decode(self.processor(z, edge_index=b.edge_index, edge_weight=b.edge_weight, batch=b.batch))
+
+    def forward(self, b: GraphBatch) -> tuple[Tensor, Tensor]:
+        """Predict ``y'`` (as a rollout where a horizon exceeds the training maximum) and reconstruct ``x'``."""
+        y_hat = rollout(lambda x, p: self.step(x, p, b), b.x, b.params, self.time_index, self.max_time, b.batch)
+        recon = self.decode(self.encode(b.x, b.params, b.batch))
+        return y_hat, recon
+
+    # ---- one shared step for every stage ---------------------------------------------------------
+    def model_step(self, b: GraphBatch) -> tuple[Tensor, Tensor, Tensor]:
+        y_hat, recon = self(b)
+        loss = nn.functional.mse_loss(y_hat, b.y) + self.hparams.reconstruction_weight * nn.functional.mse_loss(recon, b.x)
+        return loss, y_hat - b.x, b.y - b.x
+
+    def _log_stage(self, stage: str, metrics: MetricCollection, b: GraphBatch, loss: Tensor, delta_hat: Tensor, delta: Tensor) -> None:
+        metrics(delta_hat, delta)
+        self.log(f"{stage}/loss", loss, batch_size=b.num_graphs, prog_bar=stage != "test", sync_dist=stage != "train")
+        self.log_dict(metrics, batch_size=b.num_graphs, prog_bar=stage == "val")
+
+    def training_step(self, b: GraphBatch, batch_idx: int) -> Tensor:
+        loss, delta_hat, delta = self.model_step(b)
+        self._log_stage("train", self.train_metrics, b, loss, delta_hat.detach(), delta)
+        return loss
+
+    def validation_step(self, b: GraphBatch, batch_idx: int) -> None:
+        loss, delta_hat, delta = self.model_step(b)
+        self._log_stage("val", self.val_metrics, b, loss, delta_hat, delta)
+
+    def test_step(self, b: GraphBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        name = self._test_name(dataloader_idx)
+        if name not in self.test_metrics:
+            self.test_metrics[name] = R2Score().to(self.device)
+        loss, delta_hat, delta = self.model_step(b)
+        self.test_metrics[name].update(delta_hat, delta)
+        self.log(
+            f"test/r2_delta_{name}",
+            self.test_metrics[name],
+            batch_size=b.num_graphs,
+            add_dataloader_idx=False,
+            metric_attribute=f"test_metrics.{name}",  # created lazily, one per test set
+        )
+        self.log(f"test/loss_{name}", loss, batch_size=b.num_graphs, add_dataloader_idx=False, sync_dist=True)
+
+    def _test_name(self, dataloader_idx: int) -> str:
+        names = getattr(getattr(self.trainer, "datamodule", None), "test_names", None)
+        return names[dataloader_idx] if names else f"set{dataloader_idx}"
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}

@@ -1,0 +1,209 @@
+"""``rmr-study``: the sample-efficiency study, every variant at several training-set sizes and seeds.
+
+Each run is an ordinary ``rmr fit`` + ``rmr test`` of a natural config (built in-process through the
+same LightningCLI, so configs, links and saved ``config.yaml`` are those of a single run), with the
+variant, training size and seed overridden. Results are appended to ``summary.csv`` after every run,
+so an interrupted study resumes where it stopped. At the end: ``summary.md`` (mean +- std per
+variant and size, and the ratios the RMR claims rest on) and ``sample_efficiency.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from jsonargparse import CLI
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from rmr_lightning.cli import cli_main
+
+COLUMNS = [
+    "task", "variant", "n_train", "seed", "test_mae", "test_r2", "test_mae_followup", "test_state_corr",
+    "val_mae", "seconds", "checkpoint", "processor_artifact", "processor_sha256",
+]  # fmt: skip
+VARIANT_ORDER = ["rmr", "unfrozen", "scratch", "random_p", "baseline"]
+
+
+@dataclass
+class Study:
+    """What to run.
+
+    Args:
+        config: the natural config every run starts from (e.g. ``configs/natural/brain_mri.yaml``).
+        output_dir: where runs, ``summary.csv``, ``summary.md`` and ``sample_efficiency.png`` go.
+        task: name written in the ``task`` column.
+        variants: variants of ``FrozenProcessorFinetuning`` to compare.
+        train_sizes: training-set sizes (subjects).
+        seeds: seeds; each picks the training subset, the initialisation and the data order.
+        overrides: extra ``rmr`` arguments applied to every run (e.g. ``--trainer.max_steps=300``).
+        logger: ``csv``, ``tensorboard``, ``wandb`` (runs grouped per study) or ``none``.
+    """
+
+    config: str
+    output_dir: str = "results/study"
+    task: str = "brain_mri"
+    variants: list[str] = field(default_factory=lambda: ["rmr", "baseline", "scratch", "unfrozen", "random_p"])
+    train_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    overrides: list[str] = field(default_factory=list)
+    logger: str = "csv"
+
+    def runs(self) -> list[tuple[str, int, int]]:
+        return [(v, n, s) for n in self.train_sizes for s in self.seeds for v in self.variants]
+
+
+def _logger_arg(kind: str, run_dir: Path, study: Study, name: str) -> list[str]:
+    if kind == "none":
+        return ["--trainer.logger=false"]
+    classes = {
+        "csv": ("lightning.pytorch.loggers.CSVLogger", {"save_dir": str(run_dir), "name": "logs"}),
+        "tensorboard": ("lightning.pytorch.loggers.TensorBoardLogger", {"save_dir": str(run_dir), "name": "logs"}),
+        "wandb": (
+            "lightning.pytorch.loggers.WandbLogger",
+            {"save_dir": str(run_dir), "project": "rmr_lightning", "group": f"study-{study.task}", "name": name, "job_type": "study-run"},
+        ),
+    }
+    if kind not in classes:
+        raise ValueError(f"logger must be one of {sorted(classes) + ['none']}, got {kind!r}")
+    class_path, init_args = classes[kind]
+    return ["--trainer.logger=" + json.dumps({"class_path": class_path, "init_args": init_args})]
+
+
+def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
+    """Fit and test one configuration; returns its row of ``summary.csv``."""
+    name = f"{variant}_n{n_train}_seed{seed}"
+    run_dir = Path(study.output_dir) / "runs" / name
+    args = [
+        "--config", study.config, *study.overrides,
+        f"--seed_everything={seed}",
+        f"--model.init_args.variant={variant}",
+        f"--data.init_args.train_size={n_train}",
+        f"--data.init_args.subset_seed={seed}",
+        f"--trainer.default_root_dir={run_dir}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *_logger_arg(study.logger, run_dir, study, name),
+    ]  # fmt: skip
+    start = time.perf_counter()
+    cli = cli_main(args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
+    results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint or None, verbose=False)[0]
+    val = cli.trainer.checkpoint_callback.best_model_score if cli.trainer.checkpoint_callback else None
+    if study.logger == "wandb":
+        import wandb
+
+        wandb.finish()
+    return {
+        "task": study.task,
+        "variant": variant,
+        "n_train": n_train,
+        "seed": seed,
+        "test_mae": results.get("test/mae", math.nan),
+        "test_r2": results.get("test/r2", math.nan),
+        "test_mae_followup": results.get("test/mae_followup", math.nan),
+        "test_state_corr": results.get("test/state_corr", math.nan),
+        "val_mae": float(val) if val is not None else math.nan,
+        "seconds": round(time.perf_counter() - start, 1),
+        "checkpoint": checkpoint,
+        "processor_artifact": cli.model.hparams.processor_artifact,
+        "processor_sha256": cli.model.artifact_sha256,
+    }
+
+
+def summarise(frame: pd.DataFrame) -> str:
+    """Markdown: mean +- std of test MAE (change) per variant and size, and the RMR ratios."""
+    stats = frame.groupby(["variant", "n_train"])["test_mae"].agg(["mean", "std", "count"]).reset_index()
+    sizes = sorted(frame["n_train"].unique())
+    variants = [v for v in VARIANT_ORDER if v in set(frame["variant"])] + sorted(set(frame["variant"]) - set(VARIANT_ORDER))
+    lines = ["| variant | " + " | ".join(f"n={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for v in variants:
+        cells = []
+        for n in sizes:
+            row = stats[(stats.variant == v) & (stats.n_train == n)]
+            cells.append("" if row.empty else f"{row['mean'].iloc[0]:.5f} ± {0 if math.isnan(row['std'].iloc[0]) else row['std'].iloc[0]:.5f}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    mean = stats.set_index(["variant", "n_train"])["mean"]
+    notes = []
+    for n in sizes[:2]:
+        for other in ("baseline", "scratch", "unfrozen", "random_p"):
+            if ("rmr", n) in mean and (other, n) in mean:
+                notes.append(f"- n={n}: rmr / {other} = {mean['rmr', n] / mean[other, n]:.3f}")
+    if ("rmr", 16) in mean and ("baseline", 64) in mean:
+        notes.append(f"- rmr at n=16 / baseline at n=64 = {mean['rmr', 16] / mean['baseline', 64]:.3f} (<= 1: 4x data efficiency)")
+    corr = frame.groupby("variant")["test_state_corr"].mean()
+    readout = ", ".join(f"{v} {corr[v]:.3f}" for v in variants if v in corr and not math.isnan(corr[v]))
+    counts = frame.groupby("variant")["seed"].nunique().min()
+    return (
+        f"Test MAE of the predicted regional atrophy change (follow-up minus baseline), mean ± std over "
+        f"{counts} seed(s); lower is better.\n\n{table}\n\nRatios of mean test MAE:\n\n" + "\n".join(notes)
+        + f"\n\nCorrelation of the state decoded by the pretrained g from f'(x) with the hidden true state (mean over runs): {readout}\n"
+    )
+
+
+def plot(frame: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for variant in [v for v in VARIANT_ORDER if v in set(frame["variant"])]:
+        stats = frame[frame.variant == variant].groupby("n_train")["test_mae"].agg(["mean", "std"]).fillna(0.0)
+        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=variant, lw=2 if variant == "rmr" else 1.2)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(frame["n_train"].unique()))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("training subjects")
+    ax.set_ylabel("test MAE of regional atrophy change")
+    ax.set_title(f"Sample efficiency: {frame['task'].iloc[0]}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def run_study(study: Study) -> pd.DataFrame:
+    out = Path(study.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / "summary.csv"
+    done = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=COLUMNS)
+    finished = {(r.variant, int(r.n_train), int(r.seed)) for r in done.itertuples()}
+    todo = [r for r in study.runs() if r not in finished]
+    console = Console()
+    console.print(f"[bold]rmr-study[/]: {len(todo)} runs to go ({len(finished)} already in {csv})")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("study", total=len(todo))
+        for k, (variant, n, seed) in enumerate(todo, 1):
+            progress.update(task, description=f"run {k}/{len(todo)}: {variant} n={n} seed={seed}")
+            row = run_one(study, variant, n, seed)
+            done = pd.concat([done, pd.DataFrame([row])], ignore_index=True) if len(done) else pd.DataFrame([row])
+            done[COLUMNS].to_csv(csv, index=False)  # after every run: nothing finished is lost
+            progress.advance(task)
+            progress.console.print(f"  {variant:9s} n={n:<4d} seed={seed}: test MAE {row['test_mae']:.5f}  R2 {row['test_r2']:.3f}  ({row['seconds']:.0f} s)")
+    frame = pd.read_csv(csv)
+    (out / "summary.md").write_text(summarise(frame))
+    plot(frame, out / "sample_efficiency.png")
+    console.print((out / "summary.md").read_text())
+    return frame
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console script ``rmr-study --config configs/study/brain_mri.yaml``."""
+    study = CLI(Study, args=args, as_positional=False)
+    run_study(study)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny processor artifact and an isolated cache, so tests never touch results/."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Anatomy and phantom caches go to a session folder (unless the caller set RMR_CACHE)."""
+    if "RMR_CACHE" not in os.environ:
+        os.environ["RMR_CACHE"] = str(tmp_path_factory.mktemp("rmr_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small MPNN (hidden 16) pretrained for a few steps on network diffusion, saved as processor.pt."""
+    from datamodules.abstract import AbstractGraphDataModule
+    from rmr_lightning.artifact import save_processor_artifact
+    from rmr_lightning.pretraining import ProcessorPretraining
+
+    torch.manual_seed(0)
+    dm = AbstractGraphDataModule(num_train=256, num_val=32, num_test=32, num_graphs=16, batch_size=32)
+    dm.setup("fit")
+    model = ProcessorPretraining(processor="mpnn", hidden_dim=16, abstract_spec=dm.abstract_spec)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for batch in dm.train_dataloader():
+        loss, _, _ = model.model_step(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("artifact") / "processor.pt"
+    save_processor_artifact(path, model.processor, model.encoder, model.decoder, model.abstract_spec)
+    return path

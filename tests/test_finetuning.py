@@ -1,0 +1,113 @@
+"""The natural stage: frozen weights stay bit-identical, variants train what they claim, pooling is exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.brain_phantom import BrainPhantomDataModule
+from rmr_lightning.artifact import load_processor_artifact
+from rmr_lightning.encoders import RegionCNN, pool_regions
+from rmr_lightning.finetuning import POLICIES, FrozenProcessorFinetuning
+
+
+@pytest.fixture(scope="module")
+def phantoms() -> BrainPhantomDataModule:
+    """A tiny cohort at 8 mm (grid ~20 x 25 x 22), rendered once per module."""
+    dm = BrainPhantomDataModule(spacing=8, train_pool=6, train_size=4, num_val=2, num_test=2, batch_size=2)
+    dm.prepare_data()
+    return dm
+
+
+def _model(artifact: Path, variant: str) -> FrozenProcessorFinetuning:
+    torch.manual_seed(0)
+    return FrozenProcessorFinetuning(
+        processor_artifact=str(artifact), variant=variant, encoder=RegionCNN(widths=(2, 4, 4), out_channels=4), head_hidden=8
+    )
+
+
+def _trainer(tmp_path: Path, steps: int = 3) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1, num_sanity_val_steps=0,
+    )  # fmt: skip
+
+
+def test_frozen_processor_is_bit_identical_after_fit_and_in_eval_mode(tiny_artifact: Path, phantoms, tmp_path: Path) -> None:
+    model = _model(tiny_artifact, "rmr")
+    reference = load_processor_artifact(tiny_artifact).processor.state_dict()
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    _trainer(tmp_path).fit(model, datamodule=phantoms)
+    for key, value in model.processor.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    assert not model.processor.training and all(not p.requires_grad for p in model.processor.parameters())
+    assert any(not torch.equal(v, encoder_before[k]) for k, v in model.encoder.state_dict().items())  # f' learned
+    optimised = {id(p) for group in model.configure_optimizers().param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in model.processor.parameters()}
+
+
+@pytest.mark.parametrize("variant", sorted(POLICIES))
+def test_each_variant_trains_exactly_its_parts(tiny_artifact: Path, variant: str) -> None:
+    model = _model(tiny_artifact, variant)
+    policy = POLICIES[variant]
+    trains_p = any(p.requires_grad for p in model.processor.parameters())
+    assert trains_p == policy.trainable
+    artifact = load_processor_artifact(tiny_artifact)
+    same = all(torch.equal(v, artifact.processor.state_dict().get(k, torch.empty(0))) for k, v in model.processor.state_dict().items())
+    assert same == policy.pretrained
+    assert type(model.processor).__name__ == ("MLPProcessor" if policy.graph_free else "MPNNProcessor")
+    assert all(not p.requires_grad for p in model.readout_decoder.parameters())
+
+
+def test_training_statistics_are_measured_once_and_restored(tiny_artifact: Path, phantoms, tmp_path: Path) -> None:
+    model = _model(tiny_artifact, "rmr")
+    trainer = _trainer(tmp_path, steps=1)
+    trainer.fit(model, datamodule=phantoms)
+    targets, covariates = phantoms.train_table()
+    assert bool(model.stats_ready)
+    assert torch.allclose(model.covariate_mean, covariates.mean(0))
+    change = targets[..., 1] - targets[..., 0]
+    assert torch.allclose(model.target_mean[:, 2], torch.nanmean(change, 0).nan_to_num(0.0), atol=1e-6)
+
+
+def test_predictions_and_readout_shapes(tiny_artifact: Path, phantoms) -> None:
+    model = _model(tiny_artifact, "rmr").eval()
+    phantoms.setup("fit")
+    batch = next(iter(phantoms.val_dataloader()))
+    out = model(batch)
+    assert out["prediction"].shape == (2, 84, 2) and out["readout"].shape == (2, 84)
+    preds = model.predict_step(batch, 0)
+    assert preds["followup"].shape == (2, 84) and len(preds["subject_ids"]) == 2
+
+
+def test_horizon_beyond_pretraining_is_refused(tiny_artifact: Path, phantoms) -> None:
+    model = _model(tiny_artifact, "rmr")
+    phantoms.setup("fit")
+    batch = next(iter(phantoms.val_dataloader()))
+    batch.covariates[:, 1] = 99.0
+    with pytest.raises(ValueError, match="exceeds the longest the processor was pretrained on"):
+        model(batch)
+
+
+def test_unknown_variant_lists_the_choices(tiny_artifact: Path) -> None:
+    with pytest.raises(ValueError, match="baseline.*random_p.*rmr"):
+        FrozenProcessorFinetuning(processor_artifact=str(tiny_artifact), variant="magic")
+
+
+def test_pool_regions_equals_a_loop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 3, 5, 6, 4, generator=gen)
+    labels = torch.randint(0, 5, (2, 1, 5, 6, 4), generator=gen)
+    labels[1][labels[1] == 3] = 0  # region 3 absent in subject 1
+    pooled, counts = pool_regions(feats, labels, 4)
+    for b in range(2):
+        for r in range(1, 5):
+            mask = labels[b, 0] == r
+            assert counts[b, r - 1] == mask.sum()
+            expected = feats[b][:, mask].mean(1) if mask.any() else torch.zeros(3)
+            assert torch.allclose(pooled[b, r - 1], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="0..4"):
+        pool_regions(feats, labels + 5, 4)

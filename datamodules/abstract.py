@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.graphs import initial_states, random_graph
+from datamodules.sampling import epoch_sampler
 from rmr_lightning.algorithms import DiffusionSpectrum, GraphAlgorithm, NetworkDiffusion
 from rmr_lightning.batches import GraphBatch
 from rmr_lightning.connectome import graph_tensors, load_dk84
@@ -191,7 +192,7 @@ class AbstractGraphDataModule(L.LightningDataModule):
         return DataLoader(
             self.splits[name],
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=epoch_sampler(self.splits[name], self.hparams.seed, shuffle=shuffle),
             collate_fn=_identity,
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
@@ -216,6 +217,7 @@ def abstract_spec(algorithm: GraphAlgorithm) -> dict:
         "algorithm": repr(algorithm),
         "param_names": list(algorithm.param_names),
         "param_scale": [max(abs(lo), abs(hi)) or 1.0 for lo, hi in algorithm.ranges.values()],
+        "param_ranges": [list(algorithm.ranges[name]) for name in algorithm.param_names],
         "time_param": algorithm.time_param,
         "max_time": algorithm.max_time,
     }

@@ -37,6 +37,7 @@ import torchio as tio
 from pydicom.misc import is_dicom
 from torch import Tensor
 
+from datamodules.sampling import epoch_sampler
 from datamodules.scans import CT_WINDOW, MODALITIES, collate_subjects, preprocessing
 
 FILE_COLUMNS = ("image", "label_map")
@@ -531,7 +532,7 @@ class ManifestDataModule(L.LightningDataModule):
         return tio.SubjectsLoader(
             self.datasets[name],
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            sampler=epoch_sampler(self.datasets[name], self.hparams.seed, shuffle=shuffle),
             num_workers=workers,
             persistent_workers=workers > 0,
             collate_fn=collate_subjects,

@@ -49,7 +49,7 @@ def preprocessing(
         tio.CropOrPad(tuple(int(s) for s in shape), mask_name="label_map"),  # centred on the brain
     ]
     if modality == "mri":
-        intensity = [tio.ZNormalization(masking_method="label_map")]
+        intensity = [tio.ZNormalization(masking_method=tio.ZNormalization.mean)]
     else:
         low, high = ct_window
         if not low < high:

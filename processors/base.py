@@ -144,18 +144,20 @@ class SparseAdjacency:
         self.transpose = _csr(num_nodes, src, dst, weight)
 
     def __matmul__(self, h: Tensor) -> Tensor:
-        return _SpMM.apply(self.matrix, self.transpose, h)
+        # sparse products run in the weights' precision (fp32 under bf16 autocast)
+        return _SpMM.apply(self.matrix, self.transpose, h.to(self.matrix.dtype))
 
 
 class _SpMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, matrix: Tensor, transpose: Tensor, h: Tensor) -> Tensor:
         ctx.transpose = transpose
-        return matrix @ h
+        return matrix @ h.contiguous()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, None, Tensor]:
-        return None, None, ctx.transpose @ grad
+        # cuSPARSE wants a dense row-major operand of the matrix's dtype
+        return None, None, ctx.transpose @ grad.to(ctx.transpose.dtype).contiguous()
 
 
 def weighted_adjacency(num_nodes: int, edge_index: Tensor, edge_weight: Tensor | None) -> SparseAdjacency:

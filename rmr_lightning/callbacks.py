@@ -28,6 +28,20 @@ class PretrainingArtifacts(L.Callback):
         self._graphs = 0
         self._seconds = 0.0
         self._start = 0.0
+        self._fit_start = 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            (self.dirpath / "val_curve.csv").write_text("step,seconds,train_seconds,val_r2_delta\n")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Append (step, wall seconds since fit start, seconds in training batches, val R^2) to ``val_curve.csv``."""
+        r2 = trainer.callback_metrics.get("val/r2_delta")
+        if trainer.is_global_zero and r2 is not None and not trainer.sanity_checking:
+            with (self.dirpath / "val_curve.csv").open("a") as f:
+                f.write(f"{trainer.global_step},{time.perf_counter() - self._fit_start:.1f},{self._seconds:.1f},{float(r2):.6f}\n")
 
     @property
     def throughput(self) -> float:

@@ -7,6 +7,8 @@ group ``rmr_lightning.processors`` are imported first, so their class names reso
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import netrc
 import os
 import sys
@@ -64,6 +66,26 @@ def _resolve_checkpoint(ckpt_path: str, callbacks: list[Any]) -> Path | None:
 
 class RMRCLI(LightningCLI):
     """LightningCLI with the links that keep numbers from being typed twice, and W&B run resumption."""
+
+    def _parse_ckpt_path(self) -> None:
+        """As LightningCLI, but only with the checkpoint hyperparameters the model class accepts.
+
+        The links above target arguments that only one stage module has; LightningCLI records the
+        unused one in the checkpoint (as None) and would pass it back on ``test --ckpt_path``.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        class_path = hparams.pop("_class_path", None)
+        if not hparams or class_path is None:
+            return super()._parse_ckpt_path()
+        module_name, _, name = class_path.rpartition(".")
+        accepted = inspect.signature(getattr(importlib.import_module(module_name), name)).parameters
+        kwargs = {k: v for k, v in hparams.items() if k in accepted}
+        self.config = self.parser.parse_object({subcommand: {"model": {"class_path": class_path, "dict_kwargs": kwargs}}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         """``fit --ckpt_path ...`` continues the W&B run the checkpoint was written by."""

@@ -23,15 +23,17 @@ def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 
 class RegionCNN(nn.Module):
-    """A three-scale 3D CNN whose features are pooled per region at every scale. -> (B, R, C)
+    """A 3D CNN whose features are pooled per atlas region at three scales, plus each region's
+    first-order intensity statistics (mean and standard deviation at full resolution). -> (B, R, C)
 
-    Each scale is averaged within the regions of the label map subsampled to that scale (stride-2
-    convolutions centre output voxel j on input voxel 2j), then the three pooled vectors are fused by
-    a per-region linear map. Pooling each scale at its own resolution avoids upsampling full feature
-    maps, the dominant cost on a CPU.
+    The convolutions run at 1/2, 1/4 and 1/8 of the input resolution (the first one has stride 2);
+    each scale is averaged within the regions of the label map subsampled to that scale (a stride-2
+    convolution centres output voxel j on input voxel 2j). The intensity statistics give every region
+    a useful feature from the first step, which matters when only a handful of scans are labelled.
+    A per-region linear map fuses everything into ``out_channels``.
 
     Args:
-        widths: channels at full, 1/2 and 1/4 resolution.
+        widths: channels at 1/2, 1/4 and 1/8 resolution.
         out_channels: channels of each region's feature.
         in_channels: image channels.
     """
@@ -44,22 +46,23 @@ class RegionCNN(nn.Module):
         self.widths = (w1, w2, w3)
         self.out_channels = out_channels
         self.in_channels = in_channels
-        self.scale1 = _block(in_channels, w1, 1)
-        self.scale2 = nn.Sequential(_block(w1, w2, 2), _block(w2, w2, 1))
-        self.scale4 = nn.Sequential(_block(w2, w3, 2), _block(w3, w3, 1))
-        self.fuse = nn.Linear(w1 + w2 + w3, out_channels)
+        self.scale2 = nn.Sequential(_block(in_channels, w1, 2), _block(w1, w1, 1))
+        self.scale4 = nn.Sequential(_block(w1, w2, 2), _block(w2, w2, 1))
+        self.scale8 = nn.Sequential(_block(w2, w3, 2), _block(w3, w3, 1))
+        self.fuse = nn.Linear(2 * in_channels + w1 + w2 + w3, out_channels)
+        self.to(memory_format=torch.channels_last_3d)  # ~20 % faster 3D convolutions on a CPU (oneDNN)
 
     def forward(self, image: Tensor, labels: Tensor, num_regions: int) -> tuple[Tensor, Tensor]:
         """image, labels (B, 1, X, Y, Z) -> region features (B, R, C) and voxel counts (B, R)."""
-        full = self.scale1(image)  # (B, w1, X, Y, Z)
-        half = self.scale2(full)  # (B, w2, X/2, Y/2, Z/2)
-        quarter = self.scale4(half)  # (B, w3, X/4, Y/4, Z/4)
-        pooled, counts = [], None
-        for features, stride in ((full, 1), (half, 2), (quarter, 4)):
+        moments, counts = pool_regions(torch.cat([image, image * image], dim=1), labels, num_regions)  # (B, R, 2 in)
+        mean, square = moments.chunk(2, dim=-1)
+        std = (square - mean * mean).clamp_min(0.0).sqrt()
+        pooled = [mean, std]
+        features = image.contiguous(memory_format=torch.channels_last_3d)
+        for stage, stride in ((self.scale2, 2), (self.scale4, 4), (self.scale8, 8)):
+            features = stage(features)  # (B, w, X/stride, Y/stride, Z/stride)
             lab = labels[:, :, ::stride, ::stride, ::stride][:, :, : features.shape[2], : features.shape[3], : features.shape[4]]
-            mean, count = pool_regions(features, lab, num_regions)
-            pooled.append(mean)
-            counts = count if counts is None else counts
+            pooled.append(pool_regions(features, lab, num_regions)[0])
         return self.fuse(torch.cat(pooled, dim=-1)), counts
 
 

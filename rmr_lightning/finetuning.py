@@ -4,13 +4,19 @@ Encode: a 3D CNN pools voxel features into one vector per atlas region; a small 
 (with the covariates) to the abstract state ``x'`` the processor was trained on, and the pretrained
 linear ``f`` embeds ``[x', cohort parameters, horizon]`` into ``P``'s latent space. Mapping into the
 abstract inputs first keeps ``f'(x)`` on the manifold of latents ``P`` saw in pretraining (latent
-alignment; RMR, Velickovic et al. 2022, Sec. 3). Process: ``P`` on the connectome. Decode: ``g'`` reads
-baseline and follow-up values per region from ``[z, P(z)]``.
+alignment; RMR, Velickovic et al. 2022, Sec. 3). Process: ``P`` on the connectome. Decode: the
+abstract decoder ``g`` reads the state now, ``g(z)``, and after ``P``, ``g(P(z))``; ``g'`` calibrates them
+to the targets with positive gains, covariate effects and a per-region offset:
+``baseline = mean + a g(z) + ...``, ``change = mean + b (g(P(z)) - g(z)) + ...`` with ``a, b > 0``
+starting at one target unit per unit of state, and covariate terms that start at zero, so training
+starts from the training mean of every region. The positive gains anchor the sign and
+scale of the estimated state, so with a pretrained ``f, P, g`` the estimate must mean what the
+algorithm's state means; the readout ``g(f'(x))`` is then interpretable.
 
-Variants (chosen in config) differ only in where ``f`` and ``P`` come from and whether they learn:
+Variants (chosen in config) differ only in where ``f``, ``P`` and ``g`` come from and whether they learn:
 
 =========  ======================  =========  ===============================================
-variant    f and P start from      learn?     what it tests
+variant    f, P, g start from      learn?     what it tests
 =========  ======================  =========  ===============================================
 rmr        the artifact            no         RMR: the reasoning is already in P
 unfrozen   the artifact            yes        does freezing help with few scans?
@@ -23,6 +29,7 @@ baseline   random init, P -> MLP   yes        no processor, same depth and width
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,11 +42,15 @@ from torchmetrics import MeanAbsoluteError, MetricCollection, PearsonCorrCoef, R
 from processors.base import Processor
 from processors.mlp import MLPProcessor
 from rmr_lightning.artifact import load_processor_artifact
+from rmr_lightning.optim import configure_optimizers
 from rmr_lightning.batches import ScanBatch
 from rmr_lightning.connectome import batch_graph, graph_tensors, load_dk84
 from rmr_lightning.encoders import RegionCNN
 
 Variant = Literal["rmr", "baseline", "scratch", "unfrozen", "random_p"]
+#: sigmoid(-3) ~ 0.05: the estimated state starts near a typical regional load.
+STATE_LOGIT_INIT = -3.0
+STATE_INIT = 1.0 / (1.0 + math.exp(-STATE_LOGIT_INIT))
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,21 @@ def _reinitialise(module: nn.Module) -> nn.Module:
     return fresh
 
 
+def _aligned_random_pair(encoder: nn.Linear, decoder: nn.Linear) -> tuple[nn.Linear, nn.Linear]:
+    """Fresh random ``f`` and a ``g`` with ``g(f([x, p])) = x`` exactly: the state read-out anchoring the
+    pretrained pair has, given to the variants without pretraining so that only the learned dynamics
+    differ. ``g``'s weight is ``f``'s state column made orthogonal to its parameter columns and bias."""
+    f, g = _reinitialise(encoder), _reinitialise(decoder)
+    with torch.no_grad():
+        state_col = f.weight[:, 0]  # (H,)
+        others = torch.cat([f.weight[:, 1:], f.bias.unsqueeze(1)], dim=1)  # (H, P + 1)
+        basis, _ = torch.linalg.qr(others)
+        u = state_col - basis @ (basis.T @ state_col)
+        g.weight.copy_((u / (u @ state_col)).unsqueeze(0))
+        g.bias.zero_()
+    return f, g
+
+
 def _stage_metrics(stage: str) -> nn.ModuleDict:
     """Metric objects of one stage: of the change (the headline), of the follow-up, of the readout."""
     return nn.ModuleDict(
@@ -95,7 +121,12 @@ class FrozenProcessorFinetuning(L.LightningModule):
         covariate_names: names of the batch's covariate columns (linked from the datamodule).
         time_covariate: the covariate that is the algorithm's time parameter (years to follow-up).
         head_hidden: width of the per-region head that maps pooled features to the abstract state.
+        readout: ``calibrated`` (g reads the state now and after P; positive gains map it to the targets)
+            or ``linear`` (a free linear map of ``[z, P(z)]``, as in the RMR paper; no anchoring).
         change_weight: weight of the loss on the change (follow-up minus baseline), the headline.
+        abstract_lr_factor: learning-rate factor for ``f``, ``P`` and ``g`` when they learn. Adam moves every
+            weight by about the learning rate, so a 128-wide linear ``g`` would move its read-out by ~0.2
+            per step at the encoder's rate and lose the state's alignment within a few steps.
         optimizer, lr_scheduler: injected callables.
     """
 
@@ -107,13 +138,17 @@ class FrozenProcessorFinetuning(L.LightningModule):
         covariate_names: list[str] | None = None,
         time_covariate: str = "horizon",
         head_hidden: int = 32,
+        readout: Literal["calibrated", "linear"] = "calibrated",
         change_weight: float = 1.0,
+        abstract_lr_factor: float = 0.1,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         if variant not in POLICIES:
             raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(POLICIES)}")
+        if readout not in ("calibrated", "linear"):
+            raise ValueError(f"readout must be 'calibrated' or 'linear', got {readout!r}")
         self.save_hyperparameters(ignore=["encoder", "optimizer", "lr_scheduler"])
         covariate_names = list(covariate_names or ["age", "horizon"])
         if time_covariate not in covariate_names:
@@ -143,10 +178,18 @@ class FrozenProcessorFinetuning(L.LightningModule):
         num_cov = len(covariate_names)
         # head input per region: its features, the subject's mean feature (contrast, scanner), presence, covariates
         self.state_head = nn.Sequential(nn.Linear(2 * channels + 1 + num_cov, head_hidden), nn.ReLU(), nn.Linear(head_hidden, 1))
-        self.state_bias = nn.Parameter(torch.zeros(self.num_regions))  # regions differ in partial volume
-        # Cohort-level parameters of A other than time (e.g. gamma), learned in scaled units, start mid-range.
-        self.cohort_params = nn.Parameter(torch.full((len(self.param_names),), 0.5))
-        self.abstract_encoder = artifact.encoder if policy.pretrained else _reinitialise(artifact.encoder)
+        # regions differ in partial volume; the offset starts the estimate near 0 (most regions are healthy)
+        self.state_bias = nn.Parameter(torch.full((self.num_regions,), STATE_LOGIT_INIT))
+        # Cohort-level parameters of A other than time (e.g. gamma): learned, but kept inside the range P
+        # was pretrained on (low + (high - low) * sigmoid), starting mid-range.
+        self.cohort_logits = nn.Parameter(torch.zeros(len(self.param_names)))
+        ranges = spec.get("param_ranges") or [[0.0, s] for s in spec["param_scale"]]
+        self.register_buffer("param_low", torch.tensor([r[0] for r in ranges], dtype=torch.float32), persistent=False)
+        self.register_buffer("param_high", torch.tensor([r[1] for r in ranges], dtype=torch.float32), persistent=False)
+        if policy.pretrained:
+            self.abstract_encoder, decoder = artifact.encoder, artifact.decoder
+        else:
+            self.abstract_encoder, decoder = _aligned_random_pair(artifact.encoder, artifact.decoder)
 
         # ---- P
         if policy.graph_free:
@@ -154,11 +197,17 @@ class FrozenProcessorFinetuning(L.LightningModule):
         else:
             self.processor = artifact.processor if policy.pretrained else _reinitialise(artifact.processor)
 
-        # ---- g': [z, P(z)] -> (baseline, change) per region, in units standardised on the training set
-        self.decoder = nn.Linear(2 * hidden, 2)
+        # ---- g': the abstract decoder g reads the state now, g(z), and after P, g(P(z)); a calibration
+        # with positive gains maps them to (baseline, change) in units standardised on the training set
+        self.decoder = decoder
+        # gains exp(log_gain) > 0 start at one target unit per unit of state: the sign of the state is anchored
+        self.log_gain = nn.Parameter(torch.zeros(2))
         self.covariate_decoder = nn.Linear(num_cov, 2)
+        nn.init.zeros_(self.covariate_decoder.weight)  # start from the training mean of every region
+        nn.init.zeros_(self.covariate_decoder.bias)
         self.region_bias = nn.Parameter(torch.zeros(self.num_regions, 2))
-        self.readout_decoder = artifact.decoder  # g (pretrained): reads the current state from f'(x)
+        # readout "linear": a free linear map of [z, P(z)] instead of the calibrated g (no anchoring)
+        self.latent_decoder = nn.Linear(2 * hidden, 2) if readout == "linear" else None
         # Standardisation of covariates and targets, measured on the training set at the start of fit.
         self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("covariate_mean", torch.zeros(num_cov))
@@ -166,7 +215,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         self.register_buffer("target_mean", torch.zeros(self.num_regions, 3))  # baseline, follow-up, change
         self.register_buffer("target_std", torch.ones(3))
 
-        self.frozen = ["readout_decoder"] + ([] if policy.trainable else ["abstract_encoder", "processor"])
+        self.frozen = [] if policy.trainable else ["abstract_encoder", "processor", "decoder"]
         for name in self.frozen:
             freeze(getattr(self, name))
 
@@ -190,9 +239,10 @@ class FrozenProcessorFinetuning(L.LightningModule):
                 f"a follow-up horizon of {float(horizon.max()):.2f} exceeds the longest the processor was "
                 f"pretrained on ({self.max_time}); pretrain with a longer time range"
             )
-        params = self.cohort_params.unsqueeze(0).expand(len(horizon), -1).clone()
-        params[:, self.time_index] = horizon / self.param_scale[self.time_index]
-        return params
+        cohort = self.param_low + (self.param_high - self.param_low) * torch.sigmoid(self.cohort_logits)
+        params = cohort.unsqueeze(0).expand(len(horizon), -1).clone()
+        params[:, self.time_index] = horizon
+        return params / self.param_scale
 
     def encode(self, b: ScanBatch) -> tuple[Tensor, Tensor, Tensor]:
         """f'(x): returns latents (B*R, H), the estimated abstract state (B, R) and scaled covariates (B, C)."""
@@ -204,7 +254,8 @@ class FrozenProcessorFinetuning(L.LightningModule):
         cov = (b.covariates - self.covariate_mean) / self.covariate_std  # (B, C)
         bsz, regions = counts.shape
         head_in = torch.cat([pooled, context.expand_as(pooled), present, cov.unsqueeze(1).expand(bsz, regions, -1)], dim=-1)
-        state = self.state_head(head_in).squeeze(-1) + self.state_bias  # (B, R)
+        # in (0, 1): the range of states P was pretrained on, so frozen P is never asked to extrapolate
+        state = torch.sigmoid(self.state_head(head_in).squeeze(-1) + self.state_bias)  # (B, R)
         params = self.abstract_params(b.covariates)  # (B, P)
         abstract = torch.cat([state.unsqueeze(-1), params.unsqueeze(1).expand(bsz, regions, -1)], dim=-1)  # (B, R, 1 + P)
         return self.abstract_encoder(abstract.reshape(bsz * regions, -1)), state, cov
@@ -215,16 +266,22 @@ class FrozenProcessorFinetuning(L.LightningModule):
         return self.processor(z, edge_index=edges, edge_weight=weights, batch=batch)
 
     def forward(self, b: ScanBatch) -> dict[str, Tensor]:
-        """Standardised (baseline, change) ``raw`` (B, R, 2), the prediction (B, R, 2) and the readout (B, R)."""
+        """Prediction (B, R, 2) of (baseline, follow-up), the estimated state and the readout g(z), (B, R) each."""
         z, state, cov = self.encode(b)
         z_next = self.process(z, b.batch_size)
         bsz = b.batch_size
-        raw = self.decoder(torch.cat([z, z_next], dim=-1)).reshape(bsz, self.num_regions, 2)
-        raw = raw + self.covariate_decoder(cov).unsqueeze(1) + self.region_bias  # (B, R, 2)
-        baseline = self.target_mean[:, 0] + self.target_std[0] * raw[..., 0]
-        change = self.target_mean[:, 2] + self.target_std[2] * raw[..., 1]
-        readout = self.readout_decoder(z).reshape(bsz, self.num_regions)  # g(f'(x)): the current state
-        return {"prediction": torch.stack([baseline, baseline + change], dim=-1), "state_estimate": state, "readout": readout}
+        now = self.decoder(z).reshape(bsz, self.num_regions)  # g(f'(x)): the current state (the readout)
+        after = self.decoder(z_next).reshape(bsz, self.num_regions)  # g(P(f'(x))): the state at follow-up
+        gain = self.log_gain.exp()
+        offset = self.covariate_decoder(cov).unsqueeze(1) + self.region_bias  # (B, R, 2), in training spreads
+        if self.latent_decoder is None:  # calibrated: g reads the states, positive gains map them to targets
+            baseline = self.target_mean[:, 0] + gain[0] * (now - STATE_INIT) + self.target_std[0] * offset[..., 0]
+            change = self.target_mean[:, 2] + gain[1] * (after - now) + self.target_std[2] * offset[..., 1]
+        else:
+            offset = offset + self.latent_decoder(torch.cat([z, z_next], dim=-1)).reshape(bsz, self.num_regions, 2)
+            baseline = self.target_mean[:, 0] + self.target_std[0] * offset[..., 0]
+            change = self.target_mean[:, 2] + self.target_std[2] * offset[..., 1]
+        return {"prediction": torch.stack([baseline, baseline + change], dim=-1), "state_estimate": state, "readout": now}
 
     # ---- standardisation -------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -308,7 +365,5 @@ class FrozenProcessorFinetuning(L.LightningModule):
         }
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        slow = {name: self.hparams.abstract_lr_factor for name in ("abstract_encoder", "processor", "decoder")}
+        return configure_optimizers(self, self.optimizer, self.lr_scheduler, slow=slow)

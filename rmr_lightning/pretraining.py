@@ -21,6 +21,7 @@ from torchmetrics import MeanSquaredError, MetricCollection, R2Score
 
 from processors.base import Processor
 from processors.registry import resolve_processor
+from rmr_lightning.optim import configure_optimizers
 from rmr_lightning.batches import GraphBatch
 from rmr_lightning.rollout import rollout
 
@@ -139,7 +140,4 @@ class ProcessorPretraining(L.LightningModule):
         return names[dataloader_idx] if names else f"set{dataloader_idx}"
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.parameters())
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        return configure_optimizers(self, self.optimizer, self.lr_scheduler)

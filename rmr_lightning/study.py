@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from jsonargparse import CLI
+from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -35,7 +35,7 @@ class Study:
     """What to run.
 
     Args:
-        config: the natural config every run starts from (e.g. ``configs/natural/brain_mri.yaml``).
+        base_config: the natural config every run starts from (e.g. ``configs/natural/brain_mri.yaml``).
         output_dir: where runs, ``summary.csv``, ``summary.md`` and ``sample_efficiency.png`` go.
         task: name written in the ``task`` column.
         variants: variants of ``FrozenProcessorFinetuning`` to compare.
@@ -45,7 +45,7 @@ class Study:
         logger: ``csv``, ``tensorboard``, ``wandb`` (runs grouped per study) or ``none``.
     """
 
-    config: str
+    base_config: str
     output_dir: str = "results/study"
     task: str = "brain_mri"
     variants: list[str] = field(default_factory=lambda: ["rmr", "baseline", "scratch", "unfrozen", "random_p"])
@@ -80,7 +80,7 @@ def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
     name = f"{variant}_n{n_train}_seed{seed}"
     run_dir = Path(study.output_dir) / "runs" / name
     args = [
-        "--config", study.config, *study.overrides,
+        "--config", study.base_config, *study.overrides,
         f"--seed_everything={seed}",
         f"--model.init_args.variant={variant}",
         f"--data.init_args.train_size={n_train}",
@@ -199,10 +199,19 @@ def run_study(study: Study) -> pd.DataFrame:
     return frame
 
 
+def parse_study(args: list[str] | None = None) -> Study:
+    """``--config study.yaml`` and/or ``--field value`` into a ``Study``."""
+    parser = ArgumentParser(prog="rmr-study", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="a study YAML (configs/study/*.yaml)")
+    parser.add_class_arguments(Study)
+    cfg = parser.parse_args(args)
+    cfg.pop("config", None)
+    return Study(**cfg.as_dict())
+
+
 def main(args: list[str] | None = None) -> None:
     """Console script ``rmr-study --config configs/study/brain_mri.yaml``."""
-    study = CLI(Study, args=args, as_positional=False)
-    run_study(study)
+    run_study(parse_study(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""Small helpers shared by the tests (not a test module)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tiny sizes that keep a pretraining run to seconds.
+TINY_PRETRAIN = [
+    "--data.init_args.num_train=128", "--data.init_args.num_val=32", "--data.init_args.num_test=32",
+    "--data.init_args.num_graphs=8", "--data.init_args.batch_size=32", "--model.init_args.hidden_dim=16",
+]  # fmt: skip
+
+
+def tiny_natural(artifact: Path) -> list[str]:
+    """Overrides that make a natural config run on an 8 mm cohort of a few subjects."""
+    return [
+        f"--model.init_args.processor_artifact={artifact}",
+        "--model.init_args.encoder.init_args.widths=[2,4,4]", "--model.init_args.encoder.init_args.out_channels=4",
+        "--data.init_args.spacing=8", "--data.init_args.train_pool=4", "--data.init_args.train_size=4",
+        "--data.init_args.num_val=2", "--data.init_args.num_test=2", "--data.init_args.batch_size=2",
+    ]  # fmt: skip
+
+
+def rmr(args: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the ``rmr`` console script in a subprocess (DDP re-launches it, so it cannot run in pytest)."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [str(Path(sys.executable).parent / "rmr"), *args]
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

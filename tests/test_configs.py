@@ -1,0 +1,95 @@
+"""Every shipped config parses, and each task config trains for a step (``fast_dev_run``)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torchio as tio
+
+from datamodules.brain_phantom import BrainPhantomDataModule
+from rmr_lightning.cli import cli_main
+from rmr_lightning.connectome import load_dk84
+from tests.helpers import REPO, TINY_PRETRAIN, tiny_natural
+
+CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "pretrain").glob("*.yaml")) + sorted(
+    str(p.relative_to(REPO)) for p in (REPO / "configs" / "natural").glob("*.yaml")
+)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_parses(config: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", config, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "class_path" in capsys.readouterr().out
+
+
+def _fit(args: list[str]) -> object:
+    cli = cli_main(args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli
+
+
+def test_pretrain_config_fast_dev_run_writes_the_artifact(tmp_path: Path) -> None:
+    cli = _fit(
+        ["--config", "configs/pretrain/ndm.yaml", *TINY_PRETRAIN, "--trainer.fast_dev_run=true", "--trainer.logger=false",
+         f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', 'init_args': {{'dirpath': '{tmp_path}'}}}}]"]
+    )  # fmt: skip
+    assert cli.trainer.global_step == 1
+    payload = torch.load(tmp_path / "processor.pt", weights_only=True)
+    assert payload["config"]["class_path"] == "processors.mpnn.MPNNProcessor"
+    assert payload["abstract_spec"]["param_names"] == ["gamma", "t"]
+
+
+@pytest.mark.parametrize("config", ["configs/natural/brain_mri.yaml", "configs/natural/brain_ct.yaml"])
+def test_natural_config_fast_dev_run(config: str, tiny_artifact: Path, tmp_path: Path) -> None:
+    cli = _fit(["--config", config, *tiny_natural(tiny_artifact), "--trainer.fast_dev_run=true", "--trainer.logger=false",
+                f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    assert cli.trainer.global_step == 1
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Scans of an 8 mm phantom cohort written as NIfTI files, listed in a CSV as a user would."""
+    dm = BrainPhantomDataModule(spacing=8, train_pool=6, num_val=1, num_test=1)
+    cohort = dm._load_or_generate()
+    folder = tmp_path_factory.mktemp("scans")
+    names = load_dk84()[1]
+    rows = []
+    for i in range(8):
+        image = folder / f"sub-{i:02d}_T1w.nii.gz"
+        labels = folder / f"sub-{i:02d}_dseg.nii.gz"
+        tio.ScalarImage(tensor=cohort["image"][i], affine=cohort["affine"].numpy()).save(image)
+        tio.LabelMap(tensor=cohort["labels"][i].long(), affine=cohort["affine"].numpy()).save(labels)
+        age, horizon = cohort["covariates"][i].tolist()
+        followup = cohort["target"][i, :, 1]
+        row = {"subject_id": f"sub-{i:02d}", "image": image.name, "label_map": labels.name, "age": age, "horizon": horizon}
+        row.update({n: ("" if torch.isnan(v) else float(v)) for n, v in zip(names, followup)})
+        rows.append(row)
+    path = folder / "manifest.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_manifest_config_fits_and_predicts_with_a_readout(manifest: Path, tiny_artifact: Path, tmp_path: Path) -> None:
+    common = [
+        "--config", "configs/natural/manifest.yaml", f"--data.init_args.manifest={manifest}",
+        f"--model.init_args.processor_artifact={tiny_artifact}", "--data.init_args.spacing=8",
+        "--data.init_args.shape=[24,28,24]", "--data.init_args.batch_size=2",
+        "--model.init_args.encoder.init_args.widths=[2,4,4]", "--model.init_args.encoder.init_args.out_channels=4",
+        "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.prediction.RegionalPredictionWriter', 'init_args': {{'output_dir': '{tmp_path / 'pred'}', 'max_figures': 2}}}}]",
+    ]  # fmt: skip
+    cli = _fit([*common, "--trainer.max_steps=2", "--trainer.val_check_interval=1"])
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    frame = pd.read_csv(tmp_path / "pred" / "predictions.csv")
+    assert sorted(frame["subject_id"]) == [f"sub-{i:02d}" for i in range(8)]
+    assert {"Bankssts_L_followup", "Bankssts_L_baseline", "Bankssts_L_state"} <= set(frame.columns)
+    assert len(list((tmp_path / "pred" / "figures").glob("*.png"))) == 2

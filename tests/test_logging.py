@@ -1,0 +1,47 @@
+"""What a run records: the whole resolved config (logger and beside the checkpoints), the processor
+artifact's hash and the variant; W&B offline without a login; no subject identifiers in logs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from rmr_lightning.cli import cli_main, default_wandb_mode
+from tests.helpers import tiny_natural
+
+
+def test_wandb_defaults_to_offline_without_a_login(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    default_wandb_mode()
+    assert os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "online")  # an explicit choice is kept
+    default_wandb_mode()
+    assert os.environ["WANDB_MODE"] == "online"
+
+
+def test_natural_run_logs_config_hash_and_variant_to_wandb(tiny_artifact: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt")}}
+    cli = cli_main(
+        ["--config", "configs/natural/brain_mri.yaml", *tiny_natural(tiny_artifact), "--model.init_args.variant=scratch",
+         "--trainer.max_steps=1", "--trainer.val_check_interval=1", f"--trainer.logger.init_args.save_dir={tmp_path}",
+         f"--trainer.callbacks=[{json.dumps(checkpoint)}]", "--trainer.enable_progress_bar=false"],
+        run=False,
+    )  # fmt: skip
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    config = cli.trainer.logger.experiment.config
+    assert config["cli"]["model"]["init_args"]["variant"] == "scratch"  # the nested config, not flattened
+    assert config["cli"]["seed_everything"] == 0
+    assert config["processor_sha256"] == cli.model.artifact_sha256 and config["variant"] == "scratch"
+    saved = yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["processor_artifact"] == str(tiny_artifact)
+    cli.trainer.logger.experiment.finish()
+    logged = "".join(p.read_text(errors="ignore") for p in tmp_path.rglob("*.log"))
+    assert "phantom-mri-0000" not in logged  # subject ids never reach the logger

@@ -1,0 +1,58 @@
+"""W&B sweep YAMLs: the agent's expansion of ``command`` gives a valid ``rmr`` run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+
+from tests.helpers import REPO, TINY_PRETRAIN, rmr, tiny_natural
+
+
+def sample_values(parameters: dict) -> dict:
+    """One value per parameter, as a sweep controller might pick it."""
+    picked = {}
+    for name, spec in parameters.items():
+        if "value" in spec:
+            picked[name] = spec["value"]
+        elif "values" in spec:
+            picked[name] = spec["values"][-1]
+        else:
+            picked[name] = spec["min"]
+    return picked
+
+
+def expand(sweep: dict, values: dict) -> list[str]:
+    """The command list the W&B agent runs (``wandb/wandb_agent.py``: macros, then ``${args}``)."""
+    command = {"args": {k: {"value": v} for k, v in values.items()}, "program": sweep.get("program")}
+    sweep_command = create_sweep_command(list(sweep["command"]))
+    sweep_vars = create_sweep_command_args(command)
+    sweep_vars.update(interpreter=["python"], program=[command["program"]], env=["/usr/bin/env"])
+    expanded: list[str] = []
+    for chunk in map(str, sweep_command):
+        if chunk.startswith("${") and chunk.endswith("}"):
+            expanded += sweep_vars.get(chunk[2:-1]) or []
+        else:
+            expanded.append(chunk)
+    return expanded
+
+
+@pytest.mark.parametrize("name", ["pretrain", "natural"])
+def test_sweep_command_runs_with_fast_dev_run(name: str, tiny_artifact: Path, tmp_path: Path) -> None:
+    sweep = yaml.safe_load((REPO / "configs" / "sweeps" / f"{name}.yaml").read_text())
+    values = sample_values(sweep["parameters"])
+    command = expand(sweep, values)
+    assert command[:3] == ["/usr/bin/env", "rmr", "fit"]
+    assert all(f"--{k}={v}" in command for k, v in values.items())
+    extra = TINY_PRETRAIN if name == "pretrain" else tiny_natural(tiny_artifact)
+    if name == "pretrain":
+        extra = [a for a in extra if not a.startswith("--model.init_args.hidden_dim")]  # the sweep sets it
+    result = rmr(
+        [*command[2:], *extra, "--trainer.fast_dev_run=true", "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false",
+         f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"],
+        env={"WANDB_DIR": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fast_dev_run" in result.stderr + result.stdout

@@ -32,7 +32,9 @@ def preprocessing(
     ``shape`` is in TorchIO's voxel order after ``ToCanonical``: (left-right, back-front, bottom-top).
     Cropping and padding centre on the label map, so a wide field of view cannot cut the brain off.
 
-    MRI: z-score over the brain (voxels inside the label map), so contrast and scanner gain drop out.
+    MRI: z-score over the head foreground (voxels above the mean, TorchIO's ``mean`` mask), so contrast and
+    scanner gain drop out. Not over the label map: where the labels cover grey matter only, its statistics
+    would move with the atrophy the model must see.
     CT: clamp to the brain window (Hounsfield units) and rescale it to [0, 1]; HU are absolute, so no
     per-subject statistics are used.
     """

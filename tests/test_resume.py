@@ -38,6 +38,24 @@ def _run_ids(root: Path) -> set[str]:
     return {p.name.rsplit("-", 1)[-1] for p in (root / "wandb").glob("offline-run-*")}
 
 
+def _wait_for_orphaned_wandb_service(pid: int, timeout: float = 60.0) -> None:
+    """W&B's service runs in its own session and exits once it sees its parent ``pid`` gone; until then
+    it holds the run, and a resume would be told the run ID is in use (as a user who resumes at once would)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        orphans = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if "--pid" in cmd and cmd[cmd.index("--pid") + 1 : cmd.index("--pid") + 2] == [str(pid)]:
+                orphans.append(p)
+        if not orphans:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"W&B service of killed process {pid} still running after {timeout} s")
+
+
 def test_same_seed_same_metrics(tmp_path: Path) -> None:
     finals = []
     for name in ("a", "b"):
@@ -63,6 +81,7 @@ def test_killed_fit_resumes_to_the_same_result_and_wandb_run(tmp_path: Path) -> 
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    _wait_for_orphaned_wandb_service(proc.pid)
     assert not (root / "fit_stats.json").exists()  # it really died mid-run
     first_ids = _run_ids(root)
 

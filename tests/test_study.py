@@ -52,3 +52,24 @@ def test_parse_study_reads_yaml_and_flags() -> None:
     assert study.seeds == [0] and study.base_config == "configs/natural/brain_mri.yaml"
     with pytest.raises(SystemExit):
         parse_study(["--no_such_field=1"])
+
+
+def test_parallel_workers_give_the_runs_of_a_sequential_study(tiny_artifact: Path, tmp_path: Path) -> None:
+    frames = {}
+    for workers in (1, 2):
+        study = Study(
+            base_config="configs/natural/brain_mri.yaml",
+            output_dir=str(tmp_path / f"w{workers}"),
+            variants=["rmr", "scratch"],
+            train_sizes=[4],
+            seeds=[0],
+            overrides=[*tiny_natural(tiny_artifact), "--trainer.max_steps=3", "--trainer.val_check_interval=3"],
+            logger="none",
+            workers=workers,
+        )
+        frames[workers] = run_study(study).sort_values("variant").reset_index(drop=True)
+    assert len(frames[2]) == 2 and frames[2]["variant"].tolist() == ["rmr", "scratch"]
+    # one thread per worker instead of two changes only the order of float sums
+    pd.testing.assert_series_equal(frames[1]["test_mae"], frames[2]["test_mae"], rtol=1e-4)
+    with pytest.raises(ValueError, match="workers"):
+        Study(base_config="configs/natural/brain_mri.yaml", workers=0)

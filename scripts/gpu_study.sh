@@ -15,8 +15,10 @@ fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline RMR_CACHE=${RMR_CACHE:-/tmp/rmr_cache}
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null | tee "$OUT/gpu.txt"
 STUDY=/tmp/rmr_gpu_study
+# the device image lacks wandb: the same config with the CSV logger the study sets anyway
+python3 -c "import yaml; c = yaml.safe_load(open('configs/natural/brain_mri.yaml')); c['trainer']['logger'] = False; yaml.safe_dump(c, open('/tmp/brain_mri_base.yaml', 'w'))"
 cat > /tmp/gpu_study.yaml <<YAML
-base_config: configs/natural/brain_mri.yaml
+base_config: /tmp/brain_mri_base.yaml
 output_dir: $STUDY
 task: brain_mri_${SPACING:-2}mm
 variants: ${VARIANTS:-[rmr, baseline, scratch]}
@@ -31,7 +33,10 @@ overrides:
   - --trainer.max_steps=${STEPS:-400}
 YAML
 start=$(date +%s)
-timeout "${LIMIT:-420}" rmr-study --config /tmp/gpu_study.yaml 2>&1 | grep -v -i "warn" | tee "$OUT/study.log" | tail -40
+# output to a file, not a pipe: worker processes outliving a timed-out parent would hold a pipe open
+timeout -k 10 "${LIMIT:-420}" rmr-study --config /tmp/gpu_study.yaml > "$OUT/study.log" 2>&1
+pkill -f "multiprocessing.spawn" 2>/dev/null
+grep -v -i "warn" "$OUT/study.log" | tail -40
 echo "study wall: $(( $(date +%s) - start )) s" | tee -a "$OUT/study.log"
 cp "$STUDY"/summary.csv "$STUDY"/summary.md "$STUDY"/sample_efficiency.png "$OUT"/ 2>/dev/null
 ls "$OUT"

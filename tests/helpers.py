@@ -26,8 +26,16 @@ def tiny_natural(artifact: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for an ``rmr`` child: offline W&B with its own service. ``WANDB_SERVICE`` is dropped
+    because a W&B run started earlier in this pytest process exports it, and a child that inherits it
+    registers its run in pytest's service, which keeps a SIGKILLed child's run ID "in use" for good."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return {**env, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **extra}
+
+
 def rmr(args: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the ``rmr`` console script in a subprocess (DDP re-launches it, so it cannot run in pytest)."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = subprocess_env(**(env or {}))
     cmd = [str(Path(sys.executable).parent / "rmr"), *args]
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

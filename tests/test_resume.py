@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.helpers import REPO, TINY_PRETRAIN, rmr
+from tests.helpers import REPO, TINY_PRETRAIN, rmr, subprocess_env
 
 
 def _args(root: Path, epochs: int) -> list[str]:
@@ -71,7 +70,7 @@ def test_killed_fit_resumes_to_the_same_result_and_wandb_run(tmp_path: Path) -> 
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     root = tmp_path / "killed"
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    env = subprocess_env()
     proc = subprocess.Popen([str(Path(sys.executable).parent / "rmr"), *_args(root, epochs)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 240

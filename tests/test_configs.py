@@ -15,15 +15,23 @@ from rmr_lightning.cli import cli_main
 from rmr_lightning.connectome import load_dk84
 from tests.helpers import REPO, TINY_PRETRAIN, tiny_natural
 
-CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs" / "pretrain").glob("*.yaml")) + sorted(
-    str(p.relative_to(REPO)) for p in (REPO / "configs" / "natural").glob("*.yaml")
-)
+# Pretraining variants other than the default are stacked on it (`--config ndm.yaml --config fkpp.yaml`).
+PRETRAIN = [["configs/pretrain/ndm.yaml"]] + [
+    ["configs/pretrain/ndm.yaml", str(p.relative_to(REPO))]
+    for p in sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
+    if p.name != "ndm.yaml"
+]
+CONFIGS = PRETRAIN + [[str(p.relative_to(REPO))] for p in sorted((REPO / "configs" / "natural").glob("*.yaml"))]
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-def test_config_parses(config: str, capsys: pytest.CaptureFixture) -> None:
+def _config_args(configs: list[str]) -> list[str]:
+    return [arg for config in configs for arg in ("--config", config)]
+
+
+@pytest.mark.parametrize("configs", CONFIGS, ids=lambda c: c[-1])
+def test_config_parses(configs: list[str], capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", "--config", config, "--print_config"])
+        cli_main(["fit", *_config_args(configs), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
 
@@ -34,15 +42,21 @@ def _fit(args: list[str]) -> object:
     return cli
 
 
-def test_pretrain_config_fast_dev_run_writes_the_artifact(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("configs", "param_names"),
+    [(["configs/pretrain/ndm.yaml"], ["gamma", "t"]),
+     (["configs/pretrain/ndm.yaml", "configs/pretrain/fkpp.yaml"], ["gamma", "alpha", "t"])],
+    ids=["ndm", "fkpp"],
+)  # fmt: skip
+def test_pretrain_config_fast_dev_run_writes_the_artifact(configs: list[str], param_names: list[str], tmp_path: Path) -> None:
     cli = _fit(
-        ["--config", "configs/pretrain/ndm.yaml", *TINY_PRETRAIN, "--trainer.fast_dev_run=true", "--trainer.logger=false",
+        [*_config_args(configs), *TINY_PRETRAIN, "--trainer.fast_dev_run=true", "--trainer.logger=false",
          f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', 'init_args': {{'dirpath': '{tmp_path}'}}}}]"]
     )  # fmt: skip
     assert cli.trainer.global_step == 1
     payload = torch.load(tmp_path / "processor.pt", weights_only=True)
     assert payload["config"]["class_path"] == "processors.mpnn.MPNNProcessor"
-    assert payload["abstract_spec"]["param_names"] == ["gamma", "t"]
+    assert payload["abstract_spec"]["param_names"] == param_names
 
 
 @pytest.mark.parametrize("config", ["configs/natural/brain_mri.yaml", "configs/natural/brain_ct.yaml"])

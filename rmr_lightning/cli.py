@@ -123,17 +123,23 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RMRCLI:
     for entry in available_processors().values():  # third-party processors become resolvable by name
         entry.load()
     argv = _with_default_config(list(sys.argv[1:] if args is None else args))
-    if args is None:  # LightningCLI reads sys.argv itself and warns when given both
-        sys.argv[1:] = argv
-    return RMRCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=SaveAndLogConfig,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [RunIdentity()]},
-        args=None if args is None else argv,
-        run=run,
-    )
+    # LightningCLI reads sys.argv itself and warns when it also gets ``args`` (as in rmr-study, whose own
+    # command line is not the run's): hand it the run's arguments one way only.
+    saved_argv = sys.argv[:]
+    sys.argv[1:] = argv if args is None else []
+    try:
+        return RMRCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=SaveAndLogConfig,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [RunIdentity()]},
+            args=None if args is None else argv,
+            run=run,
+        )
+    finally:
+        if args is not None:
+            sys.argv[:] = saved_argv
 
 
 def main() -> None:

@@ -52,9 +52,14 @@ def main() -> None:
                 times[logger].append(one_epoch(logger, opts.num_train, Path(tmp) / f"{logger}{k}"))
                 print(f"{logger:6s} epoch: {times[logger][-1]:.1f} s", flush=True)
     ratio = statistics.mean(times["wandb"]) / statistics.mean(times["none"])
-    report = {"seconds": times, "num_train": opts.num_train, "ratio_wandb_offline_over_none": round(ratio, 4)}
+    pair_ratios = [w / n for w, n in zip(times["wandb"], times["none"])]
+    report = {
+        "seconds": times, "num_train": opts.num_train, "ratio_wandb_offline_over_none": round(ratio, 4),
+        "pair_ratios": [round(r, 4) for r in pair_ratios], "median_pair_ratio": round(statistics.median(pair_ratios), 4),
+    }  # fmt: skip
     Path("results/bench").mkdir(parents=True, exist_ok=True)
     Path("results/bench/logging.json").write_text(json.dumps(report, indent=2))
+    print(f"per pair: {', '.join(f'{r:.3f}' for r in pair_ratios)} (machine noise shows in their spread)")
     print(f"W&B offline / no logger = {ratio:.3f} (mean of {opts.pairs} epochs each)")
 
 

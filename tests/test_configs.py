@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -107,3 +108,13 @@ def test_manifest_config_fits_and_predicts_with_a_readout(manifest: Path, tiny_a
     assert sorted(frame["subject_id"]) == [f"sub-{i:02d}" for i in range(8)]
     assert {"Bankssts_L_followup", "Bankssts_L_baseline", "Bankssts_L_state"} <= set(frame.columns)
     assert len(list((tmp_path / "pred" / "figures").glob("*.png"))) == 2
+
+
+def test_cli_with_args_ignores_and_keeps_the_callers_argv(monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder) -> None:
+    """rmr-study drives the CLI in-process: its own argv must neither leak into a run nor be lost."""
+    argv = ["rmr-study", "--config", "configs/study/demo.yaml"]
+    monkeypatch.setattr("sys.argv", argv[:])
+    cli = cli_main(["--config", "configs/pretrain/ndm.yaml", *TINY_PRETRAIN, "--trainer.logger=false"], run=False)
+    assert cli.model.hparams.hidden_dim == 16
+    assert sys.argv == argv
+    assert not [w for w in recwarn if "args parameter" in str(w.message)]

@@ -15,18 +15,12 @@ from rmr_lightning.cli import cli_main
 SETS = ("in_distribution", "dk84", "larger_graphs", "longer_horizon")
 
 
-def _duration(minutes: float) -> str:
-    """Lightning's ``max_time`` string, DD:HH:MM:SS."""
-    seconds = round(minutes * 60)
-    return f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def run(processor: str, minutes: float, out: Path) -> dict:
     root = out / processor
     callbacks = [{"class_path": "rmr_lightning.callbacks.PretrainingArtifacts", "init_args": {"dirpath": str(root)}}]
     args = [
         "--config", "configs/pretrain/ndm.yaml", f"--model.init_args.processor={processor}",
-        "--trainer.max_steps=-1", "--trainer.max_epochs=1000", f"--trainer.max_time={_duration(minutes)}",
+        "--trainer.max_steps=-1", "--trainer.max_epochs=1000", f"--trainer.max_time={json.dumps({'seconds': round(minutes * 60)})}",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={root}", f"--trainer.callbacks={json.dumps(callbacks)}",
     ]  # fmt: skip

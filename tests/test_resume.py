@@ -38,8 +38,8 @@ def _run_ids(root: Path) -> set[str]:
 
 
 def _wait_for_orphaned_wandb_service(pid: int, timeout: float = 60.0) -> None:
-    """W&B's service runs in its own session and exits once it sees its parent ``pid`` gone; until then
-    it holds the run, and a resume would be told the run ID is in use (as a user who resumes at once would)."""
+    """W&B's service runs in its own session and exits once it sees its parent ``pid`` gone; wait for it,
+    so that it is no longer writing the run's offline files when the resumed fit opens them."""
     import psutil
 
     deadline = time.monotonic() + timeout

@@ -152,12 +152,14 @@ class _SpMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, matrix: Tensor, transpose: Tensor, h: Tensor) -> Tensor:
         ctx.transpose = transpose
-        return matrix @ h.contiguous()
+        with torch.autocast(h.device.type, enabled=False):  # CPU autocast would cast the CSR product to bf16
+            return matrix @ h.contiguous()
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, None, Tensor]:
         # cuSPARSE wants a dense row-major operand of the matrix's dtype
-        return None, None, ctx.transpose @ grad.to(ctx.transpose.dtype).contiguous()
+        with torch.autocast(grad.device.type, enabled=False):
+            return None, None, ctx.transpose @ grad.to(ctx.transpose.dtype).contiguous()
 
 
 def weighted_adjacency(num_nodes: int, edge_index: Tensor, edge_weight: Tensor | None) -> SparseAdjacency:

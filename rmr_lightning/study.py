@@ -140,8 +140,13 @@ def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
 
 
 def summarise(frame: pd.DataFrame) -> str:
-    """Markdown: mean +- std of test MAE (change) per variant and size, and the RMR ratios."""
+    """Markdown: mean +- std of test MAE (change) per variant and size, and the RMR ratios.
+
+    A cell with fewer seeds than the most complete one (a study cut off by a time limit) says so, and
+    each ratio compares two variants on the seeds both have.
+    """
     stats = frame.groupby(["variant", "n_train"])["test_mae"].agg(["mean", "std", "count"]).reset_index()
+    full = int(stats["count"].max())
     sizes = sorted(frame["n_train"].unique())
     variants = [v for v in VARIANT_ORDER if v in set(frame["variant"])] + sorted(set(frame["variant"]) - set(VARIANT_ORDER))
     lines = ["| variant | " + " | ".join(f"n={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
@@ -149,23 +154,36 @@ def summarise(frame: pd.DataFrame) -> str:
         cells = []
         for n in sizes:
             row = stats[(stats.variant == v) & (stats.n_train == n)]
-            cells.append("" if row.empty else f"{row['mean'].iloc[0]:.5f} ± {0 if math.isnan(row['std'].iloc[0]) else row['std'].iloc[0]:.5f}")
+            if row.empty:
+                cells.append("")
+                continue
+            mean, std, count = row["mean"].iloc[0], row["std"].iloc[0], int(row["count"].iloc[0])
+            partial = f" ({count} seed{'s' * (count > 1)})" if count < full else ""
+            cells.append(f"{mean:.5f} ± {0 if math.isnan(std) else std:.5f}{partial}")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    mean = stats.set_index(["variant", "n_train"])["mean"]
+    by_seed = frame.groupby(["variant", "n_train", "seed"])["test_mae"].mean()
+
+    def ratio(a: tuple[str, int], b: tuple[str, int]) -> str | None:
+        if a not in by_seed.index.droplevel(2) or b not in by_seed.index.droplevel(2):
+            return None
+        common = by_seed[a].index.intersection(by_seed[b].index)
+        if common.empty:
+            return None
+        value = by_seed[a][common].mean() / by_seed[b][common].mean()
+        return f"{value:.3f} ({len(common)} seed{'s' * (len(common) > 1)})"
+
     notes = []
     for n in sizes[:2]:
         for other in ("baseline", "scratch", "unfrozen", "random_p"):
-            if ("rmr", n) in mean and (other, n) in mean:
-                notes.append(f"- n={n}: rmr / {other} = {mean['rmr', n] / mean[other, n]:.3f}")
-    if ("rmr", 16) in mean and ("baseline", 64) in mean:
-        notes.append(f"- rmr at n=16 / baseline at n=64 = {mean['rmr', 16] / mean['baseline', 64]:.3f} (<= 1: 4x data efficiency)")
+            if (text := ratio(("rmr", n), (other, n))) is not None:
+                notes.append(f"- n={n}: rmr / {other} = {text}")
+    if (text := ratio(("rmr", 16), ("baseline", 64))) is not None:
+        notes.append(f"- rmr at n=16 / baseline at n=64 = {text} (<= 1: 4x data efficiency)")
     corr = frame.groupby("variant")["test_state_corr"].mean()
     readout = ", ".join(f"{v} {corr[v]:.3f}" for v in variants if v in corr and not math.isnan(corr[v]))
-    counts = frame.groupby("variant")["seed"].nunique().min()
     return (
         f"Test MAE of the predicted regional atrophy change (follow-up minus baseline), mean ± std over "
-        f"{counts} seed(s); lower is better.\n\n{table}\n\nRatios of mean test MAE:\n\n" + "\n".join(notes)
+        f"{full} seed(s); lower is better.\n\n" + "\n".join(lines) + "\n\nRatios of mean test MAE (paired seeds):\n\n" + "\n".join(notes)
         + f"\n\nCorrelation of the state decoded by the pretrained g from f'(x) with the hidden true state (mean over runs): {readout}\n"
     )
 

@@ -1,42 +1,91 @@
 #!/usr/bin/env bash
-# The brain MRI sample-efficiency study at full resolution (2 mm) on one GPU, as far as a time limit allows
-# (device tool: the wheels of missing packages in .whl/, nilearn's templates in .gpu_site/, the artifact of
-# `make pretrain` carried). summary.csv is written after every run, so a cut-off study keeps what finished.
-# Usage: bash scripts/gpu_study.sh   (env: LIMIT seconds, SPACING, STEPS, WORKERS, SIZES, VARIANTS, ACCEL)
+# The sample-efficiency studies (brain MRI and CT) at full resolution, 2 mm, on one GPU, as far as a time
+# limit allows. For the device tool: wheels of the packages its image lacks in .whl/, nilearn's three MNI152
+# templates in .gpu_site/nilearn/datasets/data/, and the artifact of `make pretrain`, all carried.
+# The studies run side by side (the small 3D CNNs leave the GPU mostly idle); summary.csv is written after
+# every run, so a study cut off by LIMIT keeps what finished, and its table and plot are made from that.
+# Usage: bash scripts/gpu_study.sh   (env: TASKS, LIMIT seconds, SPACING, STEPS, WORKERS per task, SIZES,
+#                                      VARIANTS, SEEDS, ACCEL, SMOKE=0 to skip the precision check; results in $OUT/results.tgz)
 set -uo pipefail
 OUT=${OUT:-results/gpu_study}
-mkdir -p "$OUT"
+WORK=${WORK:-/tmp/rmr_gpu_study}
+mkdir -p "$OUT" "$WORK"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   [ -d .gpu_site ] && cp -r .gpu_site/* /tmp/site/
   export PYTHONPATH=/tmp/site
-  python3 -m pip install -q --no-deps --no-index --no-build-isolation . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+  python3 -m pip install -q --no-deps --no-index --no-build-isolation . > "$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; exit 1; }
 fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline RMR_CACHE=${RMR_CACHE:-/tmp/rmr_cache}
-nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null | tee "$OUT/gpu.txt"
-STUDY=/tmp/rmr_gpu_study
-# the device image lacks wandb: the same config with the CSV logger the study sets anyway
-python3 -c "import yaml; c = yaml.safe_load(open('configs/natural/brain_mri.yaml')); c['trainer']['logger'] = False; yaml.safe_dump(c, open('/tmp/brain_mri_base.yaml', 'w'))"
-cat > /tmp/gpu_study.yaml <<YAML
-base_config: /tmp/brain_mri_base.yaml
-output_dir: $STUDY
-task: brain_mri_${SPACING:-2}mm
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$WORK/gpu.txt"
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$WORK/gpu_util.csv" 2>/dev/null &
+SMI=$!
+
+base_config() {  # $1: mri or ct. The device image lacks wandb: the task config with its logger off
+  mkdir -p "$WORK/$1"
+  python3 -c "import yaml, sys; c = yaml.safe_load(open(sys.argv[1])); c['trainer']['logger'] = False; yaml.safe_dump(c, open(sys.argv[2], 'w'))" \
+    "configs/natural/brain_$1.yaml" "$WORK/$1/base.yaml"
+}
+
+study() {  # $1: mri or ct
+  local task=$1 dir="$WORK/$1"
+  cat > "$dir/study.yaml" <<YAML
+base_config: $dir/base.yaml
+output_dir: $dir/study
+task: brain_${task}_${SPACING:-2}mm
 variants: ${VARIANTS:-[rmr, baseline, scratch]}
 train_sizes: ${SIZES:-[8, 16, 64]}
-seeds: [0, 1, 2]
+seeds: ${SEEDS:-[0, 1, 2]}
 logger: csv
-workers: ${WORKERS:-3}
+workers: ${WORKERS:-6}
 overrides:
   - --config=configs/trainer/${ACCEL:-gpu}.yaml
   - --data.init_args.spacing=${SPACING:-2}
   - --data.init_args.train_pool=64
+  - --data.init_args.num_workers=0
   - --trainer.max_steps=${STEPS:-400}
+$PRECISION
 YAML
+  local start=$(date +%s)
+  # output to a file, not a pipe: worker processes outliving a timed-out parent would hold a pipe open
+  timeout -k 10 "${LIMIT:-450}" rmr-study --config "$dir/study.yaml" > "$dir/study.log" 2>&1
+  local rc=$?
+  echo "$task study wall: $(( $(date +%s) - start )) s (exit $rc)" | tee -a "$dir/study.log"
+}
+
+for task in ${TASKS:-mri ct}; do base_config "$task"; done
+# two steps of one natural fit first: a precision that fails here must not cost the whole study
+PRECISION=""
+first=$(echo ${TASKS:-mri ct} | cut -d' ' -f1)
+smoke() { timeout 120 rmr fit --config "$WORK/$first/base.yaml" --config "configs/trainer/${ACCEL:-gpu}.yaml" "$@" \
+  --data.init_args.spacing=8 --trainer.fast_dev_run=2 --trainer.default_root_dir="$WORK/smoke" >> "$WORK/smoke.log" 2>&1; }
+if [ "${SMOKE:-1}" = 1 ] && ! smoke; then
+  grep -E "Error|error" "$WORK/smoke.log" | tail -3
+  PRECISION="  - --trainer.precision=32-true"
+  smoke --trainer.precision=32-true && echo "bf16-mixed failed, studies run in fp32" || { tail -20 "$WORK/smoke.log"; exit 1; }
+fi
 start=$(date +%s)
-# output to a file, not a pipe: worker processes outliving a timed-out parent would hold a pipe open
-timeout -k 10 "${LIMIT:-420}" rmr-study --config /tmp/gpu_study.yaml > "$OUT/study.log" 2>&1
+pids=()
+for task in ${TASKS:-mri ct}; do study "$task" & pids+=($!); done
+wait "${pids[@]}"
 pkill -f "multiprocessing.spawn" 2>/dev/null
-grep -v -i "warn" "$OUT/study.log" | tail -40
-echo "study wall: $(( $(date +%s) - start )) s" | tee -a "$OUT/study.log"
-cp "$STUDY"/summary.csv "$STUDY"/summary.md "$STUDY"/sample_efficiency.png "$OUT"/ 2>/dev/null
-ls "$OUT"
+kill $SMI 2>/dev/null
+echo "all studies: $(( $(date +%s) - start )) s"
+for task in ${TASKS:-mri ct}; do  # table and plot from what finished
+  python3 - "$WORK/$task/study" <<'PY'
+import sys
+from pathlib import Path
+import pandas as pd
+from rmr_lightning.study import plot, summarise
+out = Path(sys.argv[1])
+if (out / "summary.csv").is_file():
+    frame = pd.read_csv(out / "summary.csv")
+    (out / "summary.md").write_text(summarise(frame))
+    plot(frame, out / "sample_efficiency.png")
+    print(out, f"{len(frame)} runs, median {frame.seconds.median():.0f} s per run")
+    print((out / "summary.md").read_text())
+PY
+  grep -v -i "warn" "$WORK/$task/study.log" | grep -E "test MAE|Error|error|Traceback" | tail -8
+done
+(cd "$WORK" && tar czf "$OUT/results.tgz" --exclude='*.ckpt' --exclude='*.pt' --exclude='base.yaml' .)
+ls -la "$OUT"

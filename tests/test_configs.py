@@ -71,7 +71,7 @@ def test_natural_config_fast_dev_run(config: str, tiny_artifact: Path, tmp_path:
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Scans of an 8 mm phantom cohort written as NIfTI files, listed in a CSV as a user would."""
     dm = BrainPhantomDataModule(spacing=8, train_pool=6, num_val=1, num_test=1)
-    cohort = dm._load_or_generate()
+    cohort, _ = dm._load_or_generate()
     folder = tmp_path_factory.mktemp("scans")
     names = load_dk84()[1]
     rows = []

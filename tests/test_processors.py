@@ -90,6 +90,22 @@ def test_weighted_adjacency_matches_a_dense_product_and_its_gradient() -> None:
     assert torch.allclose(adj2 @ h, dense @ h)
 
 
+@pytest.mark.parametrize("cls", FAMILIES)
+def test_trains_under_bf16_autocast(cls: type[Processor]) -> None:
+    """bf16-mixed runs (configs/trainer/gpu.yaml): the sparse products stay fp32, so CPU autocast works too."""
+    torch.manual_seed(0)
+    proc = cls(hidden_dim=16, num_layers=2)
+    edge_index, edge_weight = _graph()
+    z = torch.randn(7, 16)
+    reference = proc(z, edge_index=edge_index, edge_weight=edge_weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = proc(z, edge_index=edge_index, edge_weight=edge_weight)
+    out.float().square().sum().backward()
+    grads = [p.grad for p in proc.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert torch.allclose(out.float(), reference, atol=0.1, rtol=0.05)  # bf16 keeps ~3 significant digits
+
+
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown activation"):
         MLPProcessor(8, act="swishy")

@@ -45,6 +45,12 @@ def test_summary_reports_the_ratios_the_claims_rest_on() -> None:
     text = summarise(pd.DataFrame(rows))
     assert "n=8: rmr / baseline = 0.5" in text and "rmr at n=16 / baseline at n=64" in text
     assert "| rmr |" in text and "3 seed(s)" in text
+    # a study cut off before rmr's last seed at n=16: the cell and the ratio say so, pairing seeds
+    cut = pd.DataFrame([r for r in rows if not (r["variant"] == "rmr" and r["n_train"] == 16 and r["seed"] == 2)])
+    text = summarise(cut)
+    assert "(2 seeds)" in text.split("| rmr |")[1].split("\n")[0]
+    paired = (1 / 16 + 0.0005) / (2 / 16 + 0.0005)  # seeds 0 and 1 only
+    assert f"n=16: rmr / baseline = {paired:.3f} (2 seeds)" in text
 
 
 def test_parse_study_reads_yaml_and_flags() -> None:

@@ -38,6 +38,7 @@ from rmr_lightning.algorithms import GraphAlgorithm, NetworkDiffusion
 from rmr_lightning.anatomy import Anatomy, load_anatomy
 from rmr_lightning.batches import ScanBatch
 from rmr_lightning.connectome import load_dk84
+from rmr_lightning.files import atomic_torch_save
 
 COHORT_VERSION = 9  # bump when rendering changes: the cache key includes it
 COVARIATES = ("age", "horizon")
@@ -363,7 +364,7 @@ class BrainPhantomDataModule(L.LightningDataModule):
         else:
             rank_zero_info(f"rendering {self.hparams.train_pool + self.hparams.num_val + self.hparams.num_test} phantom subjects -> {path}")
             cohort = {**self._generate(anatomy), "affine": torch.as_tensor(anatomy.affine)}
-            _atomic_save(cohort, path)
+            atomic_torch_save(cohort, path)
         return cohort, self._preprocessed(cohort, path)
 
     def _preprocessed(self, cohort: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
@@ -383,7 +384,7 @@ class BrainPhantomDataModule(L.LightningDataModule):
             images.append(subject["image"].data.float())
             labels.append(subject["label_map"].data.to(torch.uint8))
         prepared = {"image": torch.stack(images), "labels": torch.stack(labels), "affine": torch.as_tensor(subject["image"].affine)}
-        _atomic_save(prepared, prep_path)
+        atomic_torch_save(prepared, prep_path)
         return prepared
 
     def setup(self, stage: str | None = None) -> None:
@@ -442,10 +443,3 @@ class BrainPhantomDataModule(L.LightningDataModule):
         batch.image = image * scale + level * torch.randn(image.shape, device=image.device, generator=gen)
         return batch
 
-
-def _atomic_save(payload: dict[str, Tensor], path: Path) -> None:
-    """Write to a temporary name, then rename: a reader (another rank, a parallel run) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    tmp.replace(path)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+
+from rmr_lightning.files import atomic_torch_save
 
 __all__ = ["Anatomy", "load_anatomy", "ATLAS_PATH"]
 
@@ -262,18 +263,8 @@ def _read_cache(path: Path) -> dict | None:
 
 
 def _atomic_save(payload: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename; warn (no raise) if not writable."""
+    """Write the cache atomically; warn (no raise) if the folder is not writable: it is only a cache."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        atomic_torch_save(payload, path)
     except OSError as err:
         warnings.warn(f"anatomy cache not written ({err})", stacklevel=3)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

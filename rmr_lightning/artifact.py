@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from processors.base import Processor
+from rmr_lightning.files import atomic_torch_save
 
 FORMAT_VERSION = 1
 
@@ -78,9 +79,7 @@ def save_processor_artifact(
         "abstract_spec": dict(abstract_spec),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_torch_save(payload, path)
     return sha
 
 

@@ -72,3 +72,15 @@ def test_mismatched_shapes_keys_and_width_are_refused(tmp_path: Path) -> None:
     torch.save(raw, path)
     with pytest.raises(ArtifactError, match="cannot import"):
         load_processor_artifact(path)
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    """A payload that cannot be pickled must not leave half a file or a stray temporary behind."""
+    from rmr_lightning.files import atomic_torch_save
+
+    path = tmp_path / "deep" / "cache.pt"
+    atomic_torch_save({"x": torch.arange(3)}, path)
+    with pytest.raises(Exception):
+        atomic_torch_save({"x": lambda: None}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(3))
+    assert [p.name for p in path.parent.iterdir()] == ["cache.pt"]

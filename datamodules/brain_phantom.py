@@ -181,7 +181,7 @@ def render_cohort(
     contrast = tissue_contrast(modality, count, rng)
     warp, effects = scanner_effects(modality, spatial_jitter)
     job = _RenderJob(anatomy, warp, effects, contrast, baseline, seed)
-    if workers > 1 and count > 1:
+    if workers > 1 and count > 1 and "fork" in multiprocessing.get_all_start_methods():  # not on Windows
         global _FORKED_JOB
         _FORKED_JOB = job  # inherited by the forked workers, so the anatomy is not pickled per task
         try:

@@ -234,7 +234,7 @@ def _render_forked(i: int) -> tuple[Tensor, Tensor]:
 
 
 class _CohortDataset(torch.utils.data.Dataset):
-    """Subjects of a preprocessed cohort (``BrainPhantomDataModule._preprocessed``) as TorchIO subjects."""
+    """Subjects of a preprocessed cohort (``_preprocess``) as TorchIO subjects."""
 
     def __init__(self, cohort: dict[str, Tensor], prepared: dict[str, Tensor], indices: list[int], prefix: str) -> None:
         self.indices = indices
@@ -348,44 +348,36 @@ class BrainPhantomDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Generate and cache the cohort once (rank 0); later runs and other ranks load it."""
-        self._load_or_generate()
+        self._load_or_generate(load=False)
 
     def _cache_path(self, anatomy: Anatomy) -> Path:
         cache_dir = Path(self.hparams.cache_dir) if self.hparams.cache_dir else default_cache_dir()
         anatomy_hash = hashlib.sha256(anatomy.labels.numpy().tobytes()).hexdigest()[:12]
         return cache_dir / f"phantom_{self.hparams.modality}_{self.hparams.spacing}mm_{self._key(anatomy_hash)}.pt"
 
-    def _load_or_generate(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """The rendered cohort and its preprocessed images, each from the cache or made and cached once."""
+    def _load_or_generate(self, load: bool = True) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+        """The rendered cohort and its preprocessed images, each from the cache or made and cached once.
+
+        With ``load=False`` (``prepare_data``) nothing is read when both files already exist.
+        """
         anatomy = load_anatomy(self.hparams.spacing, cache_dir=self.hparams.cache_dir)
         path = self._cache_path(anatomy)
+        # subjects are rendered on the anatomy's grid, so its shape is the images' shape
+        transform = preprocessing(self.hparams.spacing, tuple(anatomy.labels.shape), self.hparams.modality)
+        prep_path = path.with_name(f"{path.stem}_prep_{hashlib.sha256(repr(transform).encode()).hexdigest()[:12]}.pt")
+        if not load and path.is_file() and prep_path.is_file():
+            return None
         if path.is_file():
             cohort = torch.load(path, weights_only=True)
         else:
             rank_zero_info(f"rendering {self.hparams.train_pool + self.hparams.num_val + self.hparams.num_test} phantom subjects -> {path}")
             cohort = {**self._generate(anatomy), "affine": torch.as_tensor(anatomy.affine)}
             atomic_torch_save(cohort, path)
-        return cohort, self._preprocessed(cohort, path)
-
-    def _preprocessed(self, cohort: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
-        """Every subject through the shared deterministic ``preprocessing``, cached beside the cohort.
-
-        Done once per cohort rather than in every run's ``setup`` (about 0.2 s per subject at 2 mm).
-        """
-        transform = preprocessing(self.hparams.spacing, tuple(cohort["image"].shape[-3:]), self.hparams.modality)
-        key = hashlib.sha256(repr(transform).encode()).hexdigest()[:12]
-        prep_path = path.with_name(f"{path.stem}_prep_{key}.pt")
         if prep_path.is_file():
-            return torch.load(prep_path, weights_only=True)
-        affine = cohort["affine"].numpy()
-        images, labels = [], []
-        for image, label_map in zip(cohort["image"], cohort["labels"]):
-            subject = transform(tio.Subject(image=tio.ScalarImage(tensor=image.clone(), affine=affine), label_map=tio.LabelMap(tensor=label_map.long(), affine=affine)))
-            images.append(subject["image"].data.float())
-            labels.append(subject["label_map"].data.to(torch.uint8))
-        prepared = {"image": torch.stack(images), "labels": torch.stack(labels), "affine": torch.as_tensor(subject["image"].affine)}
+            return cohort, torch.load(prep_path, weights_only=True)
+        prepared = _preprocess(cohort, transform)
         atomic_torch_save(prepared, prep_path)
-        return prepared
+        return cohort, prepared
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:  # idempotent
@@ -443,3 +435,14 @@ class BrainPhantomDataModule(L.LightningDataModule):
         batch.image = image * scale + level * torch.randn(image.shape, device=image.device, generator=gen)
         return batch
 
+
+def _preprocess(cohort: dict[str, Tensor], transform: tio.Transform) -> dict[str, Tensor]:
+    """Every subject through the shared deterministic ``preprocessing``: once per cohort, not in every
+    run's ``setup`` (about 0.2 s per subject at 2 mm). -> image (B, 1, X, Y, Z), labels, affine."""
+    affine = cohort["affine"].numpy()
+    images, labels = [], []
+    for image, label_map in zip(cohort["image"], cohort["labels"]):
+        subject = transform(tio.Subject(image=tio.ScalarImage(tensor=image.clone(), affine=affine), label_map=tio.LabelMap(tensor=label_map.long(), affine=affine)))
+        images.append(subject["image"].data.float())
+        labels.append(subject["label_map"].data.to(torch.uint8))
+    return {"image": torch.stack(images), "labels": torch.stack(labels), "affine": torch.as_tensor(subject["image"].affine)}

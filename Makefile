@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: env demo test test-slow test-gpu pretrain study-mri study-ct bench clean
+.PHONY: env demo test test-slow test-gpu pretrain pretrain-fkpp study-mri study-ct bench clean
 
 env: $(STAMP)
 
@@ -49,6 +49,13 @@ pretrain: env
 	$(BIN)/rmr fit --config configs/pretrain/ndm.yaml
 	$(BIN)/rmr test --config configs/pretrain/ndm.yaml --ckpt_path last
 	@cat results/pretrain/metrics.json
+
+# The same processor pretrained on network Fisher-KPP (results/pretrain_fkpp/), for configs/natural/fkpp.yaml.
+pretrain-fkpp: env
+	rm -rf results/pretrain_fkpp/checkpoints
+	$(BIN)/rmr fit --config configs/pretrain/ndm.yaml --config configs/pretrain/fkpp.yaml
+	$(BIN)/rmr test --config configs/pretrain/ndm.yaml --config configs/pretrain/fkpp.yaml --ckpt_path last
+	@cat results/pretrain_fkpp/metrics.json
 
 study-mri: env
 	@test -f results/pretrain/processor.pt || $(MAKE) pretrain

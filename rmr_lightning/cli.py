@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from processors.registry import available_processors
@@ -64,6 +65,24 @@ def _resolve_checkpoint(ckpt_path: str, callbacks: list[Any]) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
+ROOT_PLACEHOLDER = "{default_root_dir}"
+
+
+def _fill_root(node: Any, root: str) -> Any:
+    """``{default_root_dir}`` in any string of a (nested) config node becomes ``trainer.default_root_dir``,
+    so one override (``--trainer.default_root_dir=...``) moves a run's artifact, checkpoints and logs."""
+    if isinstance(node, str):
+        return node.replace(ROOT_PLACEHOLDER, root)
+    if isinstance(node, list):
+        return [_fill_root(v, root) for v in node]
+    if isinstance(node, dict):
+        return {k: _fill_root(v, root) for k, v in node.items()}
+    if isinstance(node, Namespace):
+        for key, value in vars(node).items():
+            setattr(node, key, _fill_root(value, root))
+    return node
+
+
 class RMRCLI(LightningCLI):
     """LightningCLI with the links that keep numbers from being typed twice, and W&B run resumption."""
 
@@ -88,10 +107,15 @@ class RMRCLI(LightningCLI):
         self.config = self.parser.parse_object({subcommand: {"model": {"class_path": class_path, "dict_kwargs": kwargs}}}, self.config)
 
     def before_instantiate_classes(self) -> None:
-        """``fit --ckpt_path ...`` continues the W&B run the checkpoint was written by."""
+        """Fill ``{default_root_dir}`` in the callbacks and logger; ``fit --ckpt_path ...`` continues the
+        W&B run the checkpoint was written by."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        root = str(trainer.default_root_dir or ".")
+        trainer.callbacks = _fill_root(trainer.callbacks, root)
+        trainer.logger = _fill_root(trainer.logger, root)
         if self.subcommand != "fit":
             return
-        config = self.config[self.subcommand]
         logger = config.trainer.logger
         if not config.ckpt_path or not str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
             return

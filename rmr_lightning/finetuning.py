@@ -36,6 +36,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MetricCollection, PearsonCorrCoef, R2Score
 
@@ -286,9 +287,16 @@ class FrozenProcessorFinetuning(L.LightningModule):
     # ---- standardisation -------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         """Measure covariate and target statistics on the training set once (kept in checkpoints)."""
+        datamodule = self.trainer.datamodule
+        algorithm = getattr(datamodule, "algorithm", None)  # phantoms know the A that made them
+        if algorithm is not None and list(algorithm.param_names) != self.param_names:
+            rank_zero_warn(
+                f"the data follow {type(algorithm).__name__} (parameters {list(algorithm.param_names)}) but the processor "
+                f"artifact was pretrained on parameters {self.param_names}: P emulates another algorithm than the "
+                "one in the scans (for Fisher-KPP phantoms stack configs/natural/fkpp.yaml, which names its artifact)"
+            )
         if bool(self.stats_ready):
             return
-        datamodule = self.trainer.datamodule
         if datamodule is None:
             raise RuntimeError("FrozenProcessorFinetuning needs a datamodule (its training targets set the scales)")
         if hasattr(datamodule, "train_table"):

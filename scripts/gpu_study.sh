@@ -6,6 +6,9 @@
 # every run, so a study cut off by LIMIT keeps what finished, and its table and plot are made from that.
 # Usage: bash scripts/gpu_study.sh   (env: TASKS, LIMIT seconds, SPACING, STEPS, WORKERS per task, SIZES,
 #                                      VARIANTS, SEEDS, ACCEL, SMOKE=0 to skip the precision check; results in $OUT/results.tgz)
+# RESUME=PREFIX continues earlier studies: PREFIX_mri_summary.csv / PREFIX_ct_summary.csv become each study's
+# summary.csv, so the runs they hold (same variant, size and seed) are skipped, e.g.
+#   RESUME=docs/measurements/2026-11-27/gpu_2mm SIZES="[16, 64]" VARIANTS="[rmr, baseline]" bash scripts/gpu_study.sh
 set -uo pipefail
 OUT=${OUT:-results/gpu_study}
 WORK=${WORK:-/tmp/rmr_gpu_study}
@@ -29,6 +32,9 @@ base_config() {  # $1: mri or ct. The device image lacks wandb: the task config 
 
 study() {  # $1: mri or ct
   local task=$1 dir="$WORK/$1"
+  if [ -n "${RESUME:-}" ] && [ -f "${RESUME}_${task}_summary.csv" ] && [ ! -f "$dir/study/summary.csv" ]; then
+    mkdir -p "$dir/study" && cp "${RESUME}_${task}_summary.csv" "$dir/study/summary.csv"
+  fi
   cat > "$dir/study.yaml" <<YAML
 base_config: $dir/base.yaml
 output_dir: $dir/study

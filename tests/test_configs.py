@@ -22,7 +22,13 @@ PRETRAIN = [["configs/pretrain/ndm.yaml"]] + [
     for p in sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
     if p.name != "ndm.yaml"
 ]
-CONFIGS = PRETRAIN + [[str(p.relative_to(REPO))] for p in sorted((REPO / "configs" / "natural").glob("*.yaml"))]
+# Natural configs without a model class (e.g. fkpp.yaml) are stacked on the MRI task config.
+NATURAL = [
+    [str(p.relative_to(REPO))] if "class_path: rmr_lightning.finetuning" in p.read_text()
+    else ["configs/natural/brain_mri.yaml", str(p.relative_to(REPO))]
+    for p in sorted((REPO / "configs" / "natural").glob("*.yaml"))
+]  # fmt: skip
+CONFIGS = PRETRAIN + NATURAL
 
 
 def _config_args(configs: list[str]) -> list[str]:
@@ -65,6 +71,27 @@ def test_natural_config_fast_dev_run(config: str, tiny_artifact: Path, tmp_path:
     cli = _fit(["--config", config, *tiny_natural(tiny_artifact), "--trainer.fast_dev_run=true", "--trainer.logger=false",
                 f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
     assert cli.trainer.global_step == 1
+
+
+def test_fkpp_phantoms_with_an_fkpp_processor(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    """configs/natural/fkpp.yaml end to end: an FKPP artifact, FKPP phantoms, cohort gamma and alpha learned."""
+    _fit([*_config_args(["configs/pretrain/ndm.yaml", "configs/pretrain/fkpp.yaml"]), *TINY_PRETRAIN,
+          "--trainer.fast_dev_run=true", "--trainer.logger=false",
+          f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', 'init_args': {{'dirpath': '{tmp_path}'}}}}]"])  # fmt: skip
+    natural = ["--config", "configs/natural/brain_mri.yaml", "--config", "configs/natural/fkpp.yaml"]
+    cli = _fit([*natural, *tiny_natural(tmp_path / "processor.pt"), "--trainer.fast_dev_run=true", "--trainer.logger=false",
+                f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    assert type(cli.datamodule.algorithm).__name__ == "FisherKPP"
+    assert cli.model.param_names == ["gamma", "alpha", "t"]
+    assert cli.model.param_high[1].item() == pytest.approx(1.0) and cli.model.param_low[1].item() == pytest.approx(0.3)  # alpha's range
+    assert not [w for w in recwarn if "emulates another algorithm" in str(w.message)]
+
+
+def test_a_diffusion_processor_on_fkpp_phantoms_warns(tiny_artifact: Path, tmp_path: Path) -> None:
+    args = ["--config", "configs/natural/brain_mri.yaml", "--config", "configs/natural/fkpp.yaml", *tiny_natural(tiny_artifact),
+            "--trainer.fast_dev_run=true", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    with pytest.warns(UserWarning, match="FisherKPP.*emulates another algorithm"):
+        _fit(args)
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +145,15 @@ def test_cli_with_args_ignores_and_keeps_the_callers_argv(monkeypatch: pytest.Mo
     assert cli.model.hparams.hidden_dim == 16
     assert sys.argv == argv
     assert not [w for w in recwarn if "args parameter" in str(w.message)]
+
+
+def test_default_root_dir_moves_every_output_of_pretraining(tmp_path: Path) -> None:
+    """``{default_root_dir}`` in the shipped config: one override moves artifact, checkpoints and logs."""
+    root = tmp_path / "short"
+    cli = _fit(["--config", "configs/pretrain/ndm.yaml", *TINY_PRETRAIN, "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+                "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir={default_root_dir}",
+                f"--trainer.default_root_dir={root}"])  # fmt: skip
+    assert (root / "processor.pt").is_file() and (root / "checkpoints" / "last.ckpt").is_file()
+    assert Path(cli.trainer.logger.save_dir) == root
+    saved = list(root.rglob("config.yaml"))
+    assert saved and all("{default_root_dir}" not in p.read_text() and str(root) in p.read_text() for p in saved)

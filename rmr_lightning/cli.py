@@ -107,10 +107,12 @@ class RMRCLI(LightningCLI):
         self.config = self.parser.parse_object({subcommand: {"model": {"class_path": class_path, "dict_kwargs": kwargs}}}, self.config)
 
     def before_instantiate_classes(self) -> None:
-        """Fill ``{default_root_dir}`` in the callbacks and logger; ``fit --ckpt_path ...`` continues the
-        W&B run the checkpoint was written by."""
+        """Expand environment variables in ``default_root_dir`` and fill ``{default_root_dir}`` in the callbacks
+        and logger; ``fit --ckpt_path ...`` continues the W&B run the checkpoint was written by."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
+        if trainer.default_root_dir:  # e.g. results/sweeps/$WANDB_RUN_ID: the agent sets it for each run
+            trainer.default_root_dir = os.path.expandvars(str(trainer.default_root_dir))
         root = str(trainer.default_root_dir or ".")
         trainer.callbacks = _fill_root(trainer.callbacks, root)
         trainer.logger = _fill_root(trainer.logger, root)

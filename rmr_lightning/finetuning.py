@@ -52,6 +52,8 @@ Variant = Literal["rmr", "baseline", "scratch", "unfrozen", "random_p"]
 #: sigmoid(-3) ~ 0.05: the estimated state starts near a typical regional load.
 STATE_LOGIT_INIT = -3.0
 STATE_INIT = 1.0 / (1.0 + math.exp(-STATE_LOGIT_INIT))
+#: Pretraining validation R^2 (of the change) below which a frozen P is warned about: 0.99 helped, 0.81 hurt (README).
+MIN_FROZEN_R2 = 0.95
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,8 @@ class FrozenProcessorFinetuning(L.LightningModule):
         time_covariate: the covariate that is the algorithm's time parameter (years to follow-up).
         head_hidden: width of the per-region head that maps pooled features to the abstract state.
         readout: ``calibrated`` (g reads the state now and after P; positive gains map it to the targets)
-            or ``linear`` (a free linear map of ``[z, P(z)]``, as in the RMR paper; no anchoring).
+            or ``linear`` (a free linear map of ``[z, P(z)]``, as in the RMR paper; no anchoring), or
+            ``residual`` (calibrated plus a zero-initialised linear map of ``[z, P(z)]``).
         change_weight: weight of the loss on the change (follow-up minus baseline), the headline.
         abstract_lr_factor: learning-rate factor for ``f``, ``P`` and ``g`` when they learn. Adam moves every
             weight by about the learning rate, so a 128-wide linear ``g`` would move its read-out by ~0.2
@@ -139,7 +142,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         covariate_names: list[str] | None = None,
         time_covariate: str = "horizon",
         head_hidden: int = 32,
-        readout: Literal["calibrated", "linear"] = "calibrated",
+        readout: Literal["calibrated", "linear", "residual"] = "calibrated",
         change_weight: float = 1.0,
         abstract_lr_factor: float = 0.1,
         optimizer: OptimizerCallable = torch.optim.AdamW,
@@ -148,8 +151,8 @@ class FrozenProcessorFinetuning(L.LightningModule):
         super().__init__()
         if variant not in POLICIES:
             raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(POLICIES)}")
-        if readout not in ("calibrated", "linear"):
-            raise ValueError(f"readout must be 'calibrated' or 'linear', got {readout!r}")
+        if readout not in ("calibrated", "linear", "residual"):
+            raise ValueError(f"readout must be 'calibrated', 'linear' or 'residual', got {readout!r}")
         self.save_hyperparameters(ignore=["encoder", "optimizer", "lr_scheduler"])
         covariate_names = list(covariate_names or ["age", "horizon"])
         if time_covariate not in covariate_names:
@@ -159,6 +162,13 @@ class FrozenProcessorFinetuning(L.LightningModule):
 
         artifact = load_processor_artifact(processor_artifact)
         self.artifact_sha256 = artifact.sha256
+        r2 = artifact.metrics.get("val_r2_delta")
+        if policy.pretrained and not policy.trainable and r2 is not None and r2 < MIN_FROZEN_R2:
+            rank_zero_warn(
+                f"{processor_artifact}: P reached a validation R^2 of the change of only {r2:.3f} in pretraining. "
+                f"Frozen Ps below ~{MIN_FROZEN_R2} made rmr worse than baseline in our measurements (README, "
+                "'Imperfect processors'); pretrain longer, or use readout=residual or variant=unfrozen"
+            )
         spec = artifact.abstract_spec
         self.param_names: list[str] = list(spec["param_names"])
         self.max_time: float | None = spec.get("max_time")
@@ -207,8 +217,12 @@ class FrozenProcessorFinetuning(L.LightningModule):
         nn.init.zeros_(self.covariate_decoder.weight)  # start from the training mean of every region
         nn.init.zeros_(self.covariate_decoder.bias)
         self.region_bias = nn.Parameter(torch.zeros(self.num_regions, 2))
-        # readout "linear": a free linear map of [z, P(z)] instead of the calibrated g (no anchoring)
-        self.latent_decoder = nn.Linear(2 * hidden, 2) if readout == "linear" else None
+        # readout "linear": a free linear map of [z, P(z)] instead of the calibrated g (no anchoring);
+        # "residual": the calibrated readout plus such a map, starting at zero, to correct an imperfect P
+        self.latent_decoder = nn.Linear(2 * hidden, 2) if readout != "calibrated" else None
+        if readout == "residual":
+            nn.init.zeros_(self.latent_decoder.weight)
+            nn.init.zeros_(self.latent_decoder.bias)
         # Standardisation of covariates and targets, measured on the training set at the start of fit.
         self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
         self.register_buffer("covariate_mean", torch.zeros(num_cov))
@@ -275,11 +289,12 @@ class FrozenProcessorFinetuning(L.LightningModule):
         after = self.decoder(z_next).reshape(bsz, self.num_regions)  # g(P(f'(x))): the state at follow-up
         gain = self.log_gain.exp()
         offset = self.covariate_decoder(cov).unsqueeze(1) + self.region_bias  # (B, R, 2), in training spreads
-        if self.latent_decoder is None:  # calibrated: g reads the states, positive gains map them to targets
+        if self.latent_decoder is not None:  # linear, residual: a map of [z, P(z)] (B*R, 2H) -> (B, R, 2)
+            offset = offset + self.latent_decoder(torch.cat([z, z_next], dim=-1)).reshape(bsz, self.num_regions, 2)
+        if self.hparams.readout != "linear":  # calibrated: g reads the states, positive gains map them to targets
             baseline = self.target_mean[:, 0] + gain[0] * (now - STATE_INIT) + self.target_std[0] * offset[..., 0]
             change = self.target_mean[:, 2] + gain[1] * (after - now) + self.target_std[2] * offset[..., 1]
         else:
-            offset = offset + self.latent_decoder(torch.cat([z, z_next], dim=-1)).reshape(bsz, self.num_regions, 2)
             baseline = self.target_mean[:, 0] + self.target_std[0] * offset[..., 0]
             change = self.target_mean[:, 2] + self.target_std[2] * offset[..., 1]
         return {"prediction": torch.stack([baseline, baseline + change], dim=-1), "state_estimate": state, "readout": now}

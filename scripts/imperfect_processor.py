@@ -11,7 +11,8 @@ Processors: the default artifact (``make pretrain``), short pretraining runs of 
 each full one is trained here when missing),
 which is the matched P on Fisher-KPP phantoms and the mismatched one on diffusion phantoms (and vice
 versa). Every study resumes from its summary.csv. Usage:
-    python scripts/imperfect_processor.py [--steps 100 400] [--sizes 8 16] [--seeds 0 1 2] [--out results/imperfect]
+    python scripts/imperfect_processor.py [--steps 100 400] [--sizes 8 16] [--seeds 0 1 2] [--variants rmr unfrozen]
+        [--readouts calibrated residual] [--phantoms diffusion fkpp] [--out results/imperfect]
 """
 
 from __future__ import annotations
@@ -42,12 +43,43 @@ def pretrain(configs: list[str], root: Path, steps: int | None) -> dict:
     return json.loads((root / "metrics.json").read_text())
 
 
+def compare(args: argparse.Namespace, phantoms: str, readout: str, artifacts: dict, quality: dict) -> list[dict]:
+    """baseline, scratch and rmr with every artifact on one cohort and readout; rows of the table."""
+    common = dict(base_config="configs/natural/brain_mri.yaml", train_sizes=args.sizes, seeds=args.seeds, logger="csv", workers=args.workers)
+    overrides = [*PHANTOMS[phantoms], "--data.init_args.train_pool=64", f"--model.init_args.readout={readout}"]
+    folder = args.out / phantoms / ("" if readout == "calibrated" else readout)
+
+    def study(name: str, variants: list[str], artifact: Path) -> pd.DataFrame:
+        return run_study(Study(output_dir=str(folder / name), task=f"brain_mri_6mm_{phantoms}", variants=variants,
+                               overrides=[*overrides, f"--model.init_args.processor_artifact={artifact / 'processor.pt'}"], **common))  # fmt: skip
+
+    frames = [study("reference", ["baseline", "scratch"], artifacts[f"{phantoms}, full"][0]).assign(processor="")]
+    for label, (root, _) in artifacts.items():
+        frames.append(study(label.replace(", ", "_").replace(" ", ""), args.variants, root).assign(processor=label))
+    by = pd.concat(frames, ignore_index=True).groupby(["variant", "processor", "n_train"])["test_mae"].mean()
+    rows = []
+    for label in artifacts:
+        for variant in args.variants:
+            row = {"phantoms": phantoms, "readout": readout, "variant": variant, "processor": label, "matched": label.startswith(phantoms)}
+            row.update({f"p_r2_{s}": quality[label][f"r2_delta_{s}"] for s in ("in_distribution", "dk84")})
+            for n in args.sizes:
+                mae = by[(variant, label, n)]
+                row.update({f"mae_n{n}": mae, f"vs_baseline_n{n}": mae / by[("baseline", "", n)], f"vs_scratch_n{n}": mae / by[("scratch", "", n)]})
+            rows.append(row)
+    for v in ("baseline", "scratch"):
+        rows.append({"phantoms": phantoms, "readout": readout, "variant": v, **{f"mae_n{n}": by[(v, "", n)] for n in args.sizes}})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, nargs="*", default=[100, 400], help="short pretraining runs of the default P")
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--phantoms", nargs="+", default=list(PHANTOMS), choices=list(PHANTOMS))
+    parser.add_argument("--readouts", nargs="+", default=["calibrated"], choices=["calibrated", "linear", "residual"],
+                        help="g' of every variant (FrozenProcessorFinetuning's readout): calibrated (default), linear, residual")
+    parser.add_argument("--variants", nargs="+", default=["rmr"], help="variants run with every processor artifact (rmr, unfrozen)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("results/imperfect"))
     args = parser.parse_args()
@@ -65,30 +97,8 @@ def main() -> None:
 
     rows = []
     for phantoms in args.phantoms:
-        common = dict(base_config="configs/natural/brain_mri.yaml", train_sizes=args.sizes, seeds=args.seeds, logger="csv", workers=args.workers)
-        overrides = [*PHANTOMS[phantoms], "--data.init_args.train_pool=64"]
-        matched = f"{phantoms}, full"
-        ref = Study(output_dir=str(args.out / phantoms / "reference"), task=f"brain_mri_6mm_{phantoms}", variants=["baseline", "scratch"],
-                    overrides=[*overrides, f"--model.init_args.processor_artifact={artifacts[matched][0] / 'processor.pt'}"], **common)  # fmt: skip
-        frames = [run_study(ref).assign(processor="")]
-        for label, (root, _) in artifacts.items():
-            slug = label.replace(", ", "_").replace(" ", "")
-            study = Study(output_dir=str(args.out / phantoms / slug), task=f"brain_mri_6mm_{phantoms}", variants=["rmr"],
-                          overrides=[*overrides, f"--model.init_args.processor_artifact={root / 'processor.pt'}"], **common)  # fmt: skip
-            frames.append(run_study(study).assign(processor=label))
-        frame = pd.concat(frames, ignore_index=True)
-        by = frame.groupby(["variant", "processor", "n_train"])["test_mae"].mean()
-        for label in artifacts:
-            row = {"phantoms": phantoms, "processor": label, "matched": label.startswith(phantoms)}
-            row.update({f"p_r2_{s}": quality[label][f"r2_delta_{s}"] for s in ("in_distribution", "dk84")})
-            for n in args.sizes:
-                mae = by[("rmr", label, n)]
-                row[f"rmr_mae_n{n}"] = mae
-                row[f"vs_baseline_n{n}"] = mae / by[("baseline", "", n)]
-                row[f"vs_scratch_n{n}"] = mae / by[("scratch", "", n)]
-            rows.append(row)
-        for v in ("baseline", "scratch"):
-            rows.append({"phantoms": phantoms, "processor": f"({v})", **{f"rmr_mae_n{n}": by[(v, "", n)] for n in args.sizes}})
+        for readout in args.readouts:
+            rows += compare(args, phantoms, readout, artifacts, quality)
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "summary.csv", index=False)

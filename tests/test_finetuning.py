@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -22,10 +23,11 @@ def phantoms() -> BrainPhantomDataModule:
     return dm
 
 
-def _model(artifact: Path, variant: str) -> FrozenProcessorFinetuning:
+def _model(artifact: Path, variant: str, readout: str = "calibrated") -> FrozenProcessorFinetuning:
     torch.manual_seed(0)
     return FrozenProcessorFinetuning(
-        processor_artifact=str(artifact), variant=variant, encoder=RegionCNN(widths=(2, 4, 4), out_channels=4), head_hidden=8
+        processor_artifact=str(artifact), variant=variant, encoder=RegionCNN(widths=(2, 4, 4), out_channels=4), head_hidden=8,
+        readout=readout,
     )
 
 
@@ -85,6 +87,15 @@ def test_predictions_and_readout_shapes(tiny_artifact: Path, phantoms) -> None:
     assert preds["followup"].shape == (2, 84) and len(preds["subject_ids"]) == 2
 
 
+def test_residual_readout_starts_as_the_calibrated_one_and_then_learns_its_correction(tiny_artifact: Path, phantoms, tmp_path: Path) -> None:
+    phantoms.setup("fit")
+    batch = next(iter(phantoms.val_dataloader()))
+    calibrated, residual = _model(tiny_artifact, "rmr").eval(), _model(tiny_artifact, "rmr", readout="residual").eval()
+    assert torch.equal(calibrated(batch)["prediction"], residual(batch)["prediction"])
+    _trainer(tmp_path, steps=2).fit(residual.train(), datamodule=phantoms)
+    assert residual.latent_decoder.weight.abs().sum() > 0
+
+
 def test_horizon_beyond_pretraining_is_refused(tiny_artifact: Path, phantoms) -> None:
     model = _model(tiny_artifact, "rmr")
     phantoms.setup("fit")
@@ -113,3 +124,15 @@ def test_pool_regions_equals_a_loop() -> None:
             assert torch.allclose(pooled[b, r - 1], expected, atol=1e-6)
     with pytest.raises(ValueError, match="0..4"):
         pool_regions(feats, labels + 5, 4)
+
+
+def test_a_poorly_pretrained_frozen_processor_is_warned_about(tiny_artifact: Path, tmp_path: Path) -> None:
+    """The tiny artifact's recorded validation R^2 is set low and high: only the low one warns, and only when frozen."""
+    payload = torch.load(tiny_artifact, weights_only=True)
+    for r2, variant, warns in ((0.8, "rmr", True), (0.8, "unfrozen", False), (0.999, "rmr", False)):
+        path = tmp_path / f"p_{r2}_{variant}.pt"
+        torch.save({**payload, "metrics": {**payload["metrics"], "val_r2_delta": r2}}, path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _model(path, variant)
+        assert any("validation R^2 of the change of only" in str(w.message) for w in caught) == warns, (r2, variant)

@@ -56,3 +56,20 @@ def test_sweep_command_runs_with_fast_dev_run(name: str, tiny_artifact: Path, tm
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fast_dev_run" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("name", ["pretrain", "natural"])
+def test_each_sweep_run_writes_into_its_own_folder(name: str, tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents run in parallel (one per GPU): the command roots every output at the run the agent started."""
+    from rmr_lightning.cli import cli_main
+
+    sweep = yaml.safe_load((REPO / "configs" / "sweeps" / f"{name}.yaml").read_text())
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sw1")
+    monkeypatch.setenv("WANDB_RUN_ID", f"run-{name}")
+    extra = TINY_PRETRAIN if name == "pretrain" else tiny_natural(tiny_artifact)
+    cli = cli_main([*expand(sweep, sample_values(sweep["parameters"]))[3:], *extra], run=False)
+    root = Path("results/sweeps") / name / "sw1" / f"run-{name}"
+    assert Path(cli.trainer.default_root_dir) == root
+    assert Path(cli.trainer.logger.save_dir) == root
+    dirs = [Path(cb.dirpath).resolve() for cb in cli.trainer.callbacks if getattr(cb, "dirpath", None)]  # artifact, checkpoints
+    assert all(d == root.resolve() or root.resolve() in d.parents for d in dirs) and len(dirs) == (2 if name == "pretrain" else 0)

@@ -12,6 +12,7 @@ import inspect
 import netrc
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from typing import Any
@@ -146,6 +147,8 @@ def _with_default_config(args: list[str]) -> list[str]:
 def cli_main(args: list[str] | None = None, run: bool = True) -> RMRCLI:
     """Entry point of ``rmr``; ``args`` lets tests drive the CLI in-process."""
     default_wandb_mode()
+    # Lightning 2.6's pytree helper builds torch's deprecated LeafSpec on every batch: noise, not news
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     for entry in available_processors().values():  # third-party processors become resolvable by name
         entry.load()
     argv = _with_default_config(list(sys.argv[1:] if args is None else args))

@@ -131,6 +131,8 @@ class FrozenProcessorFinetuning(L.LightningModule):
         abstract_lr_factor: learning-rate factor for ``f``, ``P`` and ``g`` when they learn. Adam moves every
             weight by about the learning rate, so a 128-wide linear ``g`` would move its read-out by ~0.2
             per step at the encoder's rate and lose the state's alignment within a few steps.
+        cohort_lr_factor: learning-rate factor for the cohort's parameters of A (e.g. gamma), which move
+            from mid-range only as fast as the shared learning rate lets them.
         optimizer, lr_scheduler: injected callables.
     """
 
@@ -145,6 +147,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         readout: Literal["calibrated", "linear", "residual"] = "calibrated",
         change_weight: float = 1.0,
         abstract_lr_factor: float = 0.1,
+        cohort_lr_factor: float = 1.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -389,4 +392,5 @@ class FrozenProcessorFinetuning(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         slow = {name: self.hparams.abstract_lr_factor for name in ("abstract_encoder", "processor", "decoder")}
+        slow["cohort_logits"] = self.hparams.cohort_lr_factor
         return configure_optimizers(self, self.optimizer, self.lr_scheduler, slow=slow)

@@ -19,13 +19,14 @@ def configure_optimizers(
     """The injected optimiser over trainable parameters only; cosine decay over the whole run
     (``trainer.estimated_stepping_batches``) unless a scheduler is injected.
 
-    ``slow`` maps submodule names to a learning-rate factor (their own parameter group).
+    ``slow`` maps submodule or parameter names to a learning-rate factor (their own parameter group).
     """
     slow = {name: factor for name, factor in (slow or {}).items() if factor != 1.0}
     seen: set[int] = set()
     groups = []
     for name, factor in slow.items():
-        params = [p for p in getattr(module, name).parameters() if p.requires_grad]
+        part = getattr(module, name)
+        params = [p for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters()) if p.requires_grad]
         seen.update(id(p) for p in params)
         if params:
             groups.append({"params": params, "lr_factor": factor})

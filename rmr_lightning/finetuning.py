@@ -274,9 +274,13 @@ class FrozenProcessorFinetuning(L.LightningModule):
         head_in = torch.cat([pooled, context.expand_as(pooled), present, cov.unsqueeze(1).expand(bsz, regions, -1)], dim=-1)
         # in (0, 1): the range of states P was pretrained on, so frozen P is never asked to extrapolate
         state = torch.sigmoid(self.state_head(head_in).squeeze(-1) + self.state_bias)  # (B, R)
-        params = self.abstract_params(b.covariates)  # (B, P)
+        return self.embed(state, self.abstract_params(b.covariates)), state, cov
+
+    def embed(self, state: Tensor, params: Tensor) -> Tensor:
+        """f([x', p]) per region: states (B, R) and scaled parameters of A (B, P) -> latents (B*R, H)."""
+        bsz, regions = state.shape
         abstract = torch.cat([state.unsqueeze(-1), params.unsqueeze(1).expand(bsz, regions, -1)], dim=-1)  # (B, R, 1 + P)
-        return self.abstract_encoder(abstract.reshape(bsz * regions, -1)), state, cov
+        return self.abstract_encoder(abstract.reshape(bsz * regions, -1))
 
     def process(self, z: Tensor, num_subjects: int) -> Tensor:
         """P on the connectome of every subject. (B*R, H) -> (B*R, H)"""

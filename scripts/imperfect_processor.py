@@ -28,7 +28,6 @@ from rmr_lightning.study import Study, run_study
 
 PRETRAIN = {"diffusion": ["configs/pretrain/ndm.yaml"], "fkpp": ["configs/pretrain/ndm.yaml", "configs/pretrain/fkpp.yaml"]}
 PHANTOMS = {"diffusion": [], "fkpp": ["--config=configs/natural/fkpp.yaml"]}
-SETS = ("in_distribution", "dk84", "larger_graphs", "longer_horizon")
 
 
 def pretrain(configs: list[str], root: Path, steps: int | None) -> dict:
@@ -53,8 +52,8 @@ def compare(args: argparse.Namespace, phantoms: str, readout: str, artifacts: di
         return run_study(Study(output_dir=str(folder / name), task=f"brain_mri_6mm_{phantoms}", variants=variants,
                                overrides=[*overrides, f"--model.init_args.processor_artifact={artifact / 'processor.pt'}"], **common))  # fmt: skip
 
-    frames = [study("reference", ["baseline", "scratch"], artifacts[f"{phantoms}, full"][0]).assign(processor="")]
-    for label, (root, _) in artifacts.items():
+    frames = [study("reference", ["baseline", "scratch"], artifacts[f"{phantoms}, full"]).assign(processor="")]
+    for label, root in artifacts.items():
         frames.append(study(label.replace(", ", "_").replace(" ", ""), args.variants, root).assign(processor=label))
     by = pd.concat(frames, ignore_index=True).groupby(["variant", "processor", "n_train"])["test_mae"].mean()
     rows = []
@@ -84,16 +83,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/imperfect"))
     args = parser.parse_args()
 
-    artifacts = {  # label -> (folder with processor.pt and metrics.json, algorithm it emulates)
-        "diffusion, full": (Path("results/pretrain"), "diffusion"),
-        "fkpp, full": (Path("results/pretrain_fkpp"), "fkpp"),
+    runs = {  # label -> (folder with processor.pt and metrics.json, algorithm it emulates, steps; None: the config's)
+        "diffusion, full": (Path("results/pretrain"), "diffusion", None),
+        "fkpp, full": (Path("results/pretrain_fkpp"), "fkpp", None),
+        **{f"diffusion, {n} steps": (args.out / f"pretrain_{n}", "diffusion", n) for n in args.steps},
     }
-    for steps in args.steps:
-        artifacts[f"diffusion, {steps} steps"] = (args.out / f"pretrain_{steps}", "diffusion")
-    quality = {}
-    for label, (root, algorithm) in artifacts.items():
-        steps = None if label.endswith("full") else int(label.split(", ")[1].split()[0])
-        quality[label] = pretrain(PRETRAIN[algorithm], root, steps)
+    quality = {label: pretrain(PRETRAIN[algorithm], root, steps) for label, (root, algorithm, steps) in runs.items()}
+    artifacts = {label: root for label, (root, _, _) in runs.items()}
 
     rows = []
     for phantoms in args.phantoms:

@@ -14,10 +14,9 @@ import argparse
 import numpy as np
 import torch
 
-from datamodules.brain_phantom import simulate_disease
+from datamodules.brain_phantom import BrainPhantomDataModule, simulate_disease
 from rmr_lightning.algorithms import FisherKPP, NetworkDiffusion
-from rmr_lightning.artifact import load_processor_artifact
-from rmr_lightning.connectome import batch_graph, graph_tensors, load_dk84
+from rmr_lightning.finetuning import FrozenProcessorFinetuning
 
 
 def main() -> None:
@@ -33,25 +32,19 @@ def main() -> None:
     else:
         algorithm, cohort = NetworkDiffusion(), {"gamma": args.gamma}
     path = args.artifact or f"results/pretrain{'_fkpp' if args.algorithm == 'fkpp' else ''}/processor.pt"
-    artifact = load_processor_artifact(path)
-    spec = artifact.abstract_spec
-    if list(spec["param_names"]) != list(algorithm.param_names):
-        raise SystemExit(f"{path} was pretrained with parameters {spec['param_names']}, not {list(algorithm.param_names)}")
+    model = FrozenProcessorFinetuning(processor_artifact=path, variant="rmr").eval()  # f, P, g as fine-tuning uses them
+    if model.param_names != list(algorithm.param_names):
+        raise SystemExit(f"{path} was pretrained with parameters {model.param_names}, not {list(algorithm.param_names)}")
 
-    conn, _ = load_dk84()
-    every_region = torch.ones(conn.shape[0], dtype=torch.bool)
-    cohort_draw = simulate_disease(args.subjects, np.random.default_rng(1), algorithm, cohort, every_region, (1.0, 8.0), (1.0, 4.0), (60.0, 85.0))
+    every_region = torch.ones(model.num_regions, dtype=torch.bool)
+    ranges = BrainPhantomDataModule(algorithm=algorithm, cohort_params=cohort).hparams  # the datamodule's stage, horizon, age
+    cohort_draw = simulate_disease(args.subjects, np.random.default_rng(1), algorithm, cohort, every_region, ranges.stage, ranges.horizon, ranges.age)
     x, y, horizon = cohort_draw["x_baseline"], cohort_draw["x_followup"], cohort_draw["horizon"]  # (B, R), (B, R), (B,)
-    params = torch.stack([horizon if n == spec["time_param"] else torch.full_like(horizon, cohort[n]) for n in spec["param_names"]], 1)
-    params = params / torch.tensor(spec["param_scale"])  # (B, P), as the pretraining module scales them
-    bsz, regions = x.shape
-    inputs = torch.cat([x.unsqueeze(-1), params.unsqueeze(1).expand(bsz, regions, -1)], -1).reshape(bsz * regions, -1)
-    edge_index, edge_weight = graph_tensors(conn)
-    edges, weights, batch = batch_graph(edge_index, edge_weight, regions, bsz)
+    true_params = {**cohort, algorithm.time_param: horizon}
+    params = torch.stack([torch.as_tensor(true_params[n]).float().expand_as(horizon) for n in model.param_names], 1)
     with torch.no_grad():
-        z = artifact.encoder(inputs)
-        z_next = artifact.processor(z, edge_index=edges, edge_weight=weights, batch=batch)
-        change = (artifact.decoder(z_next) - artifact.decoder(z)).reshape(bsz, regions)  # g(P(z)) - g(z)
+        z = model.embed(x, params / model.param_scale)  # (B*R, H)
+        change = (model.decoder(model.process(z, len(x))) - model.decoder(z)).reshape(x.shape)  # g(P(z)) - g(z)
     true = y - x
     r2 = 1 - ((change - true) ** 2).sum() / ((true - true.mean()) ** 2).sum()
     print(f"{path} on {args.subjects} {args.algorithm} phantom subjects ({cohort}): R^2 of the change {r2:.4f}, "

@@ -113,6 +113,40 @@ def _stage_metrics(stage: str) -> nn.ModuleDict:
     )
 
 
+class RegionCentring(nn.Module):
+    """Each region's features as a deviation from that region's mean over the training subjects.
+
+    Atrophy shows as a region looking different from how that region usually looks, and how it
+    usually looks (its partial volume of grey matter, white matter and CSF) differs between regions,
+    which a head shared by all regions cannot know (normative modelling in neuroimaging compares each
+    region with its own reference in the same way). Statistics as in BatchNorm: those of the batch in
+    training, running ones in eval; but the mean is kept per region and one scale is shared by all regions,
+    so a region that varies little between subjects keeps small deviations instead of having its noise
+    blown up to unit variance (per-region BatchNorm did that: better state correlation, worse change MAE).
+    Regions absent from a scan (``present`` 0) do not enter the statistics. (B, R, C) -> (B, R, C)
+    """
+
+    def __init__(self, num_regions: int, channels: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(num_regions, channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: Tensor, present: Tensor) -> Tensor:
+        """x (B, R, C) features, present (B, R, 1) in {0, 1}."""
+        seen = present.sum(0)  # (R, 1) subjects in which each region is present
+        if self.training and int(seen.max()) > 1:
+            mean = (x * present).sum(0) / seen.clamp_min(1)  # (R, C)
+            mean = torch.where(seen > 0, mean, self.running_mean)
+            var = ((x - mean).pow(2) * present).sum((0, 1)) / present.sum().clamp_min(1)  # (C,)
+            with torch.no_grad():
+                self.running_mean.copy_(torch.where(seen > 0, self.running_mean.lerp(mean, self.momentum), self.running_mean))
+                self.running_var.lerp_(var, self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) * present / (var + self.eps).sqrt()
+
+
 class FrozenProcessorFinetuning(L.LightningModule):
     """``g'(P(f'(x)))`` for regional baseline and follow-up values from a baseline scan.
 
@@ -124,6 +158,9 @@ class FrozenProcessorFinetuning(L.LightningModule):
         covariate_names: names of the batch's covariate columns (linked from the datamodule).
         time_covariate: the covariate that is the algorithm's time parameter (years to follow-up).
         head_hidden: width of the per-region head that maps pooled features to the abstract state.
+        region_centring: give the head each region's features also as a deviation from that region's
+            mean over the training subjects (``RegionCentring``); 6 mm MRI, n=8, 6 seeds: test MAE of the
+            change 0.0056 -> 0.0048 for ``rmr`` (README).
         readout: ``calibrated`` (g reads the state now and after P; positive gains map it to the targets)
             or ``linear`` (a free linear map of ``[z, P(z)]``, as in the RMR paper; no anchoring), or
             ``residual`` (calibrated plus a zero-initialised linear map of ``[z, P(z)]``).
@@ -144,6 +181,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         covariate_names: list[str] | None = None,
         time_covariate: str = "horizon",
         head_hidden: int = 32,
+        region_centring: bool = True,
         readout: Literal["calibrated", "linear", "residual"] = "calibrated",
         change_weight: float = 1.0,
         abstract_lr_factor: float = 0.1,
@@ -190,8 +228,10 @@ class FrozenProcessorFinetuning(L.LightningModule):
         self.encoder = encoder if encoder is not None else RegionCNN()
         channels = int(self.encoder.out_channels)
         num_cov = len(covariate_names)
+        self.region_centring = RegionCentring(self.num_regions, channels) if region_centring else None
         # head input per region: its features, the subject's mean feature (contrast, scanner), presence, covariates
-        self.state_head = nn.Sequential(nn.Linear(2 * channels + 1 + num_cov, head_hidden), nn.ReLU(), nn.Linear(head_hidden, 1))
+        head_in = (3 if region_centring else 2) * channels + 1 + num_cov
+        self.state_head = nn.Sequential(nn.Linear(head_in, head_hidden), nn.ReLU(), nn.Linear(head_hidden, 1))
         # regions differ in partial volume; the offset starts the estimate near 0 (most regions are healthy)
         self.state_bias = nn.Parameter(torch.full((self.num_regions,), STATE_LOGIT_INIT))
         # Cohort-level parameters of A other than time (e.g. gamma): learned, but kept inside the range P
@@ -271,7 +311,10 @@ class FrozenProcessorFinetuning(L.LightningModule):
         context = (pooled * present).sum(1, keepdim=True) / present.sum(1, keepdim=True).clamp_min(1)  # (B, 1, C)
         cov = (b.covariates - self.covariate_mean) / self.covariate_std  # (B, C)
         bsz, regions = counts.shape
-        head_in = torch.cat([pooled, context.expand_as(pooled), present, cov.unsqueeze(1).expand(bsz, regions, -1)], dim=-1)
+        parts = [pooled, context.expand_as(pooled), present, cov.unsqueeze(1).expand(bsz, regions, -1)]
+        if self.region_centring is not None:  # deviations from the cohort's mean of each region
+            parts.append(self.region_centring(pooled, present))
+        head_in = torch.cat(parts, dim=-1)
         # in (0, 1): the range of states P was pretrained on, so frozen P is never asked to extrapolate
         state = torch.sigmoid(self.state_head(head_in).squeeze(-1) + self.state_bias)  # (B, R)
         return self.embed(state, self.abstract_params(b.covariates)), state, cov

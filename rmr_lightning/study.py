@@ -197,14 +197,24 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.4, 4.4))
     for variant in [v for v in VARIANT_ORDER if v in set(frame["variant"])]:
         stats = frame[frame.variant == variant].groupby("n_train")["test_mae"].agg(["mean", "std"]).fillna(0.0)
-        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=variant, lw=2 if variant == "rmr" else 1.2)
+        ax.errorbar(
+            stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=variant,
+            lw=2 if variant == "rmr" else 1.2, color=f"C{VARIANT_ORDER.index(variant)}",  # one colour per variant in every plot
+        )  # fmt: skip
     ax.set_xscale("log")
     ax.set_xticks(sorted(frame["n_train"].unique()))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the sizes that were run
     ax.set_yscale("log")  # variants differ by factors; a poor one (random_p) would flatten the rest
-    ax.get_yaxis().set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3f"))
-    ax.get_yaxis().set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3f"))
+    low, high = ax.get_ylim()
+    decades = math.log10(high / low)
+    labelled = set(range(2, 10)) if decades < 0.6 else {2, 3, 5} if decades < 1.2 else {2, 5}  # no overlapping labels
+
+    def minor_label(value: float, _: int) -> str:
+        return f"{value:g}" if round(value / 10 ** math.floor(math.log10(value))) in labelled else ""
+
+    ax.get_yaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.get_yaxis().set_minor_formatter(matplotlib.ticker.FuncFormatter(minor_label))
     ax.set_xlabel("training subjects")
     ax.set_ylabel("test MAE of regional atrophy change (log)")
     ax.set_title(f"Sample efficiency: {frame['task'].iloc[0]}")

@@ -11,8 +11,8 @@ import torch
 
 from datamodules.brain_phantom import BrainPhantomDataModule
 from rmr_lightning.artifact import load_processor_artifact
-from rmr_lightning.encoders import RegionCNN, pool_regions
-from rmr_lightning.finetuning import POLICIES, FrozenProcessorFinetuning
+from rmr_lightning.encoders import RegionCNN, pool_regions, region_moments
+from rmr_lightning.finetuning import POLICIES, FrozenProcessorFinetuning, RegionCentring
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,67 @@ def test_pool_regions_equals_a_loop() -> None:
             assert torch.allclose(pooled[b, r - 1], expected, atol=1e-6)
     with pytest.raises(ValueError, match="0..4"):
         pool_regions(feats, labels + 5, 4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pool_regions_reads_channels_last_features(channels_last: bool) -> None:
+    gen = torch.Generator().manual_seed(1)
+    feats = torch.randn(2, 3, 5, 6, 4, generator=gen)
+    labels = torch.randint(0, 5, (2, 1, 5, 6, 4), generator=gen)
+    layout = feats.contiguous(memory_format=torch.channels_last_3d) if channels_last else feats
+    assert torch.allclose(pool_regions(layout, labels, 4)[0], pool_regions(feats.clone(), labels, 4)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_region_moments_are_the_mean_and_mean_square_per_region(requires_grad: bool) -> None:
+    """The bincount path (no gradient) and the differentiable fallback agree with a loop over regions."""
+    gen = torch.Generator().manual_seed(2)
+    image = (3.0 + torch.randn(2, 1, 6, 5, 4, generator=gen)).requires_grad_(requires_grad)
+    labels = torch.randint(0, 4, (2, 1, 6, 5, 4), generator=gen)
+    labels[0][labels[0] == 2] = 0  # region 2 absent in subject 0
+    mean, square, counts = region_moments(image, labels, 3)
+    assert mean.shape == square.shape == (2, 3, 1) and mean.requires_grad == requires_grad
+    for b in range(2):
+        for r in range(1, 4):
+            values = image.detach()[b, 0][labels[b, 0] == r]
+            assert counts[b, r - 1] == values.numel()
+            assert torch.allclose(mean[b, r - 1, 0], values.mean() if values.numel() else torch.tensor(0.0), atol=1e-5)
+            assert torch.allclose(square[b, r - 1, 0], (values**2).mean() if values.numel() else torch.tensor(0.0), atol=1e-4)
+
+
+def test_region_centring_removes_each_regions_mean_but_keeps_their_relative_spread() -> None:
+    """Per-region means go, one scale for all regions: region 0 varies 10x more than region 1 and still does
+    (per-region BatchNorm would give both unit variance); absent regions stay out of the statistics."""
+    gen = torch.Generator().manual_seed(3)
+    offsets = torch.tensor([5.0, -2.0, 0.5]).view(1, 3, 1)
+    spread = torch.tensor([1.0, 0.1, 0.5]).view(1, 3, 1)
+    x = offsets + spread * torch.randn(64, 3, 2, generator=gen)  # (B, R, C)
+    present = torch.ones(64, 3, 1)
+    present[:32, 2] = 0
+    x[:32, 2] = 100.0  # garbage where the region is absent
+    centring = RegionCentring(num_regions=3, channels=2).train()
+    out = centring(x, present)
+    assert torch.allclose(out[:, :2].mean(0), torch.zeros(2, 2), atol=1e-5)
+    assert torch.allclose(out[32:, 2].mean(0), torch.zeros(2), atol=1e-5) and torch.equal(out[:32, 2], torch.zeros(32, 2))
+    ratio = out[:, 0].std(0) / out[:, 1].std(0)
+    assert torch.allclose(ratio, x[:, 0].std(0) / x[:, 1].std(0), rtol=1e-4) and bool((ratio > 5).all())
+    expected_var = ((x[:, :2] - x[:, :2].mean(0)) ** 2).sum((0, 1)) + ((x[32:, 2] - x[32:, 2].mean(0)) ** 2).sum(0)
+    expected_var = expected_var / (64 * 2 + 32)
+    assert torch.allclose(out[:, 0], (x[:, 0] - x[:, 0].mean(0)) / (expected_var + 1e-5).sqrt(), atol=1e-4)
+
+
+def test_region_centring_in_eval_uses_running_statistics_not_the_batch() -> None:
+    gen = torch.Generator().manual_seed(4)
+    centring = RegionCentring(num_regions=2, channels=1, momentum=0.5).train()
+    data = torch.tensor([3.0, -1.0]).view(1, 2, 1) + 0.1 * torch.randn(16, 2, 1, generator=gen)
+    for _ in range(30):
+        centring(data, torch.ones(16, 2, 1))
+    assert torch.allclose(centring.running_mean, data.mean(0), atol=1e-5)
+    centring.eval()
+    one = data[:1]
+    alone = centring(one, torch.ones(1, 2, 1))
+    with_others = centring(torch.cat([one, data[5:9] + 50.0]), torch.ones(5, 2, 1))[:1]
+    assert torch.equal(alone, with_others)
 
 
 def test_a_poorly_pretrained_frozen_processor_is_warned_about(tiny_artifact: Path, tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ def pretrain(configs: list[str], root: Path, steps: int | None) -> dict:
 def compare(args: argparse.Namespace, phantoms: str, readout: str, artifacts: dict, quality: dict) -> list[dict]:
     """baseline, scratch and rmr with every artifact on one cohort and readout; rows of the table."""
     common = dict(base_config="configs/natural/brain_mri.yaml", train_sizes=args.sizes, seeds=args.seeds, logger="csv", workers=args.workers)
-    overrides = [*PHANTOMS[phantoms], "--data.init_args.train_pool=64", f"--model.init_args.readout={readout}"]
+    overrides = [*PHANTOMS[phantoms], "--data.init_args.train_pool=64", f"--model.init_args.readout={readout}", *args.overrides]
     folder = args.out / phantoms / ("" if readout == "calibrated" else readout)
 
     def study(name: str, variants: list[str], artifact: Path) -> pd.DataFrame:
@@ -80,6 +80,7 @@ def main() -> None:
                         help="g' of every variant (FrozenProcessorFinetuning's readout): calibrated (default), linear, residual")
     parser.add_argument("--variants", nargs="+", default=["rmr"], help="variants run with every processor artifact (rmr, unfrozen)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--overrides", nargs="*", default=[], help="extra rmr arguments for every fine-tuning run, e.g. --overrides=--model.init_args.region_centring=false")
     parser.add_argument("--out", type=Path, default=Path("results/imperfect"))
     args = parser.parse_args()
 

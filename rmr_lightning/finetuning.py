@@ -135,7 +135,7 @@ class RegionCentring(nn.Module):
     def forward(self, x: Tensor, present: Tensor) -> Tensor:
         """x (B, R, C) features, present (B, R, 1) in {0, 1}."""
         seen = present.sum(0)  # (R, 1) subjects in which each region is present
-        if self.training and int(seen.max()) > 1:
+        if self.training and len(x) > 1:  # batch statistics need two subjects
             mean = (x * present).sum(0) / seen.clamp_min(1)  # (R, C)
             mean = torch.where(seen > 0, mean, self.running_mean)
             var = ((x - mean).pow(2) * present).sum((0, 1)) / present.sum().clamp_min(1)  # (C,)

@@ -134,13 +134,13 @@ class RegionCentring(nn.Module):
 
     def forward(self, x: Tensor, present: Tensor) -> Tensor:
         """x (B, R, C) features, present (B, R, 1) in {0, 1}."""
-        seen = present.sum(0)  # (R, 1) subjects in which each region is present
         if self.training and len(x) > 1:  # batch statistics need two subjects
-            mean = (x * present).sum(0) / seen.clamp_min(1)  # (R, C)
-            mean = torch.where(seen > 0, mean, self.running_mean)
+            seen = present.sum(0)  # (R, 1) subjects in which each region is present
+            # (R, C); a region absent from the whole batch keeps its running mean, which lerp then leaves as is
+            mean = torch.where(seen > 0, (x * present).sum(0) / seen.clamp_min(1), self.running_mean)
             var = ((x - mean).pow(2) * present).sum((0, 1)) / present.sum().clamp_min(1)  # (C,)
             with torch.no_grad():
-                self.running_mean.copy_(torch.where(seen > 0, self.running_mean.lerp(mean, self.momentum), self.running_mean))
+                self.running_mean.lerp_(mean, self.momentum)
                 self.running_var.lerp_(var, self.momentum)
         else:
             mean, var = self.running_mean, self.running_var

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.sampling import epoch_sampler
-from datamodules.scans import collate_subjects, preprocessing
+from datamodules.scans import collate_subjects, preprocessing, transform_key
 from rmr_lightning.algorithms import GraphAlgorithm, NetworkDiffusion
 from rmr_lightning.anatomy import Anatomy, load_anatomy
 from rmr_lightning.batches import ScanBatch
@@ -364,7 +364,7 @@ class BrainPhantomDataModule(L.LightningDataModule):
         path = self._cache_path(anatomy)
         # subjects are rendered on the anatomy's grid, so its shape is the images' shape
         transform = preprocessing(self.hparams.spacing, tuple(anatomy.labels.shape), self.hparams.modality)
-        prep_path = path.with_name(f"{path.stem}_prep_{hashlib.sha256(repr(transform).encode()).hexdigest()[:12]}.pt")
+        prep_path = path.with_name(f"{path.stem}_prep_{transform_key(transform)}.pt")
         if not load and path.is_file() and prep_path.is_file():
             return None
         if path.is_file():

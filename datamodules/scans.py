@@ -7,6 +7,8 @@ windowing) and the same ``collate_subjects``, so the model never knows where a s
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +21,14 @@ __all__ = ["CT_WINDOW", "MODALITIES", "ScanBatch", "collate_subjects", "preproce
 MODALITIES = ("mri", "ct")
 #: Brain window for CT in Hounsfield units (level 40, width 80).
 CT_WINDOW = (0.0, 80.0)
+
+
+def transform_key(transform: tio.Transform) -> str:
+    """A short hash of a transform's settings that is the same in every process: its repr without the
+    memory addresses of function arguments (``ZNormalization``'s ``masking_method``), which change from run
+    to run and would make every process preprocess the cohort again into a new cache file."""
+    settings = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
+    return hashlib.sha256(settings.encode()).hexdigest()[:12]
 
 
 def preprocessing(

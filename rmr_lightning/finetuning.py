@@ -123,7 +123,10 @@ class RegionCentring(nn.Module):
     training, running ones in eval; but the mean is kept per region and one scale is shared by all regions,
     so a region that varies little between subjects keeps small deviations instead of having its noise
     blown up to unit variance (per-region BatchNorm did that: better state correlation, worse change MAE).
-    Regions absent from a scan (``present`` 0) do not enter the statistics. (B, R, C) -> (B, R, C)
+    Regions absent from a scan (``present`` 0) do not enter the statistics. In a distributed run the
+    batch statistics are those of the global batch, summed over the processes (as SyncBatchNorm's, with
+    gradients through the sums), so a rank holding two subjects does not centre on a two-subject mean and
+    the result does not depend on the number of GPUs. (B, R, C) -> (B, R, C)
     """
 
     def __init__(self, num_regions: int, channels: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
@@ -134,17 +137,35 @@ class RegionCentring(nn.Module):
 
     def forward(self, x: Tensor, present: Tensor) -> Tensor:
         """x (B, R, C) features, present (B, R, 1) in {0, 1}."""
-        if self.training and len(x) > 1:  # batch statistics need two subjects
-            seen = present.sum(0)  # (R, 1) subjects in which each region is present
-            # (R, C); a region absent from the whole batch keeps its running mean, which lerp then leaves as is
-            mean = torch.where(seen > 0, (x * present).sum(0) / seen.clamp_min(1), self.running_mean)
-            var = ((x - mean).pow(2) * present).sum((0, 1)) / present.sum().clamp_min(1)  # (C,)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var, self.momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
+        mean, var = self.running_mean, self.running_var
+        if self.training:
+            sums = _sum_over_ranks(torch.cat([(x * present).sum(0), present.sum(0)], dim=1))  # (R, C + 1)
+            subjects = int(_sum_over_ranks(x.new_tensor([float(len(x))]))) if _distributed() else len(x)
+            if subjects > 1:  # batch statistics need two subjects
+                total, seen = sums[:, :-1], sums[:, -1:]  # (R, C), (R, 1) subjects in which each region is present
+                # a region absent from the whole batch keeps its running mean, which lerp then leaves as is
+                mean = torch.where(seen > 0, total / seen.clamp_min(1), self.running_mean)
+                squares = torch.cat([((x - mean).pow(2) * present).sum((0, 1)), present.sum().reshape(1)])  # (C + 1,)
+                squares = _sum_over_ranks(squares)
+                var = squares[:-1] / squares[-1].clamp_min(1)  # (C,) pooled over regions
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean, self.momentum)
+                    self.running_var.lerp_(var, self.momentum)
         return (x - mean) * present / (var + self.eps).sqrt()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _sum_over_ranks(t: Tensor) -> Tensor:
+    """``t`` summed over the processes of a distributed run, differentiably (the backward sums the
+    gradients of every rank's loss); ``t`` itself in a single process."""
+    if not _distributed():
+        return t
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t)
 
 
 class FrozenProcessorFinetuning(L.LightningModule):

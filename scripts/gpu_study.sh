@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The sample-efficiency studies (brain MRI and CT) at full resolution, 2 mm, on one GPU, as far as a time
-# limit allows. For the device tool: wheels of the packages its image lacks in .whl/, nilearn's three MNI152
+# limit allows (on a machine without one: ACCEL=cpu WORKERS=2 SMOKE=0, with the project's environment active). For the device tool: wheels of the packages its image lacks in .whl/, nilearn's three MNI152
 # templates in .gpu_site/nilearn/datasets/data/, and the artifact of `make pretrain`, all carried.
 # The studies run side by side (the small 3D CNNs leave the GPU mostly idle); summary.csv is written after
 # every run, so a study cut off by LIMIT keeps what finished, and its table and plot are made from that.
@@ -15,7 +15,7 @@ set -uo pipefail
 OUT=${OUT:-results/gpu_study}
 WORK=${WORK:-/tmp/rmr_gpu_study}
 mkdir -p "$OUT" "$WORK"
-if [ -d .whl ]; then
+if [ -d .whl ] && ! python3 -c "import torchio, jsonargparse, rmr_lightning" 2>/dev/null; then  # the device image lacks them
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   [ -d .gpu_site ] && cp -r .gpu_site/* /tmp/site/
   export PYTHONPATH=/tmp/site

@@ -42,3 +42,46 @@ def test_pretraining_ddp_completes_and_rank_zero_writes_the_artifact(tmp_path: P
     assert (tmp_path / "processor.pt").is_file()
     curve = (tmp_path / "val_curve.csv").read_text().splitlines()
     assert curve[0] == "step,seconds,train_seconds,val_r2_delta" and len(curve) == 3  # one writer, two validations
+
+
+def _centring_rank(rank: int, init_file: str, x: "torch.Tensor", present: "torch.Tensor", out_dir: str) -> None:
+    """One of two processes: its half of the batch through RegionCentring, outputs and gradients saved."""
+    import torch
+
+    from rmr_lightning.finetuning import RegionCentring
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        half = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
+        xs = x[half].clone().requires_grad_(True)
+        centring = RegionCentring(num_regions=x.shape[1], channels=x.shape[2]).train()
+        out = centring(xs, present[half])
+        (out.pow(3) * present[half]).sum().backward()  # a loss whose gradient depends on the statistics
+        torch.save({"out": out.detach(), "grad": xs.grad, "mean": centring.running_mean, "var": centring.running_var}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_region_centring_uses_the_global_batch_across_processes(tmp_path: Path) -> None:
+    """Two ranks with half a batch each give the outputs, input gradients and running statistics of one
+    process with the whole batch (a per-rank mean would centre each half on itself)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from rmr_lightning.finetuning import RegionCentring
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, 3, generator=gen) + torch.arange(6.0).view(6, 1, 1)  # halves differ in mean
+    present = (torch.rand(6, 4, 1, generator=gen) > 0.2).float()
+    present[:3, 0] = 0  # region 0 only on the second rank
+    mp.spawn(_centring_rank, args=(str(tmp_path / "init"), x, present, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+
+    whole = x.clone().requires_grad_(True)
+    centring = RegionCentring(num_regions=4, channels=3).train()
+    out = centring(whole, present)
+    (out.pow(3) * present).sum().backward()
+    assert torch.allclose(torch.cat([r["out"] for r in ranks]), out.detach(), atol=1e-5)
+    assert torch.allclose(torch.cat([r["grad"] for r in ranks]), whole.grad, atol=1e-4)
+    for r in ranks:
+        assert torch.allclose(r["mean"], centring.running_mean, atol=1e-6) and torch.allclose(r["var"], centring.running_var, atol=1e-6)

@@ -64,3 +64,23 @@ def test_cached_preprocessing_equals_preprocessing_each_subject(tmp_path) -> Non
     again = BrainPhantomDataModule(modality="ct", spacing=8, train_pool=3, num_val=1, num_test=1, cache_dir=str(tmp_path))
     again.setup("fit")  # from both caches
     assert torch.equal(again.datasets["val"][0]["image"].data, dm.datasets["val"][0]["image"].data)
+
+
+def test_preprocessing_cache_key_ignores_memory_addresses() -> None:
+    """The key names the transform's settings, not where its function arguments sit in memory: those move
+    from process to process, and a key with them made every run preprocess the cohort into a new file."""
+    import torchio as tio
+
+    from datamodules.scans import preprocessing, transform_key
+
+    def mask_maker():
+        def foreground(x):
+            return x > x.mean()
+
+        return foreground
+
+    a, b = mask_maker(), mask_maker()  # equal functions at two addresses, as in two processes
+    assert repr(tio.ZNormalization(masking_method=a)) != repr(tio.ZNormalization(masking_method=b))
+    assert transform_key(tio.ZNormalization(masking_method=a)) == transform_key(tio.ZNormalization(masking_method=b))
+    assert transform_key(preprocessing(4, (45, 54, 45), "mri")) != transform_key(preprocessing(6, (45, 54, 45), "mri"))
+    assert transform_key(preprocessing(4, (45, 54, 45), "mri")) != transform_key(preprocessing(4, (45, 54, 45), "ct"))

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from datamodules.brain_phantom import BrainPhantomDataModule
 from rmr_lightning.study import COLUMNS, Study, parse_study, run_study, summarise
 from tests.helpers import tiny_natural
 
 
-def test_study_writes_summary_plot_and_resumes(tiny_artifact: Path, tmp_path: Path) -> None:
+def test_study_writes_summary_plot_and_resumes(tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     study = Study(
         base_config="configs/natural/brain_mri.yaml",
         output_dir=str(tmp_path / "study"),
@@ -22,7 +24,12 @@ def test_study_writes_summary_plot_and_resumes(tiny_artifact: Path, tmp_path: Pa
         overrides=[*tiny_natural(tiny_artifact), "--trainer.max_steps=2", "--trainer.val_check_interval=2"],
         logger="csv",
     )
+    cohorts: list[weakref.ref] = []
+    setup = BrainPhantomDataModule.setup
+    monkeypatch.setattr(BrainPhantomDataModule, "setup", lambda self, stage=None: (cohorts.append(weakref.ref(self)), setup(self, stage))[1])
     frame = run_study(study)
+    # each run's datamodule (and the cohort it holds, 1.1 GB at 2 mm) is freed when the run ends
+    assert len(cohorts) >= 4 and sum(ref() is not None for ref in {id(r): r for r in cohorts}.values()) <= 1  # setup runs for fit and test
     out = Path(study.output_dir)
     assert (out / "summary.md").is_file() and (out / "sample_efficiency.png").stat().st_size > 10_000
     assert list(frame.columns) == COLUMNS and len(frame) == 4

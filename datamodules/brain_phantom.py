@@ -398,11 +398,13 @@ class BrainPhantomDataModule(L.LightningDataModule):
         return self.cohort["target"][idx], self.cohort["covariates"][idx]
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        drop_last = shuffle and len(self.datasets[name]) > self.hparams.batch_size
+        sampler = epoch_sampler(self.datasets[name], self.hparams.subset_seed, shuffle=shuffle)
+        # a ragged last batch is dropped only where this rank has more than one batch (under DDP it sees len(sampler))
+        drop_last = shuffle and len(sampler) > self.hparams.batch_size
         return tio.SubjectsLoader(
             self.datasets[name],
             batch_size=self.hparams.batch_size,
-            sampler=epoch_sampler(self.datasets[name], self.hparams.subset_seed, shuffle=shuffle),
+            sampler=sampler,
             drop_last=drop_last,
             collate_fn=collate_subjects,
             num_workers=self.hparams.num_workers,

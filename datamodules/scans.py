@@ -26,7 +26,8 @@ CT_WINDOW = (0.0, 80.0)
 def transform_key(transform: tio.Transform) -> str:
     """A short hash of a transform's settings that is the same in every process: its repr without the
     memory addresses of function arguments (``ZNormalization``'s ``masking_method``), which change from run
-    to run and would make every process preprocess the cohort again into a new cache file."""
+    to run and would make every process preprocess the cohort again into a new cache file. Callables are
+    known by name alone, so two different functions with one name would share a key (ours use TorchIO's)."""
     settings = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
     return hashlib.sha256(settings.encode()).hexdigest()[:12]
 

@@ -125,8 +125,8 @@ class RegionCentring(nn.Module):
     blown up to unit variance (per-region BatchNorm did that: better state correlation, worse change MAE).
     Regions absent from a scan (``present`` 0) do not enter the statistics. In a distributed run the
     batch statistics are those of the global batch, summed over the processes (as SyncBatchNorm's, with
-    gradients through the sums), so a rank holding two subjects does not centre on a two-subject mean and
-    the result does not depend on the number of GPUs. (B, R, C) -> (B, R, C)
+    gradients through the sums): one process with the ranks' batches concatenated gives the same, and a
+    rank holding two subjects does not centre on a two-subject mean. (B, R, C) -> (B, R, C)
     """
 
     def __init__(self, num_regions: int, channels: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
@@ -139,8 +139,13 @@ class RegionCentring(nn.Module):
         """x (B, R, C) features, present (B, R, 1) in {0, 1}."""
         mean, var = self.running_mean, self.running_var
         if self.training:
-            sums = _sum_over_ranks(torch.cat([(x * present).sum(0), present.sum(0)], dim=1))  # (R, C + 1)
-            subjects = int(_sum_over_ranks(x.new_tensor([float(len(x))]))) if _distributed() else len(x)
+            sums = torch.cat([(x * present).sum(0), present.sum(0)], dim=1)  # (R, C + 1)
+            subjects = len(x)
+            if _distributed():  # the subject count travels in the same reduction, as an extra row
+                count = sums.new_zeros(1, sums.shape[1])
+                count[0, 0] = len(x)
+                sums, count = _sum_over_ranks(torch.cat([sums, count])).split([len(sums), 1])
+                subjects = int(count[0, 0])  # the same on every rank, so every rank takes the same branch
             if subjects > 1:  # batch statistics need two subjects
                 total, seen = sums[:, :-1], sums[:, -1:]  # (R, C), (R, 1) subjects in which each region is present
                 # a region absent from the whole batch keeps its running mean, which lerp then leaves as is
@@ -159,13 +164,25 @@ def _distributed() -> bool:
 
 
 def _sum_over_ranks(t: Tensor) -> Tensor:
-    """``t`` summed over the processes of a distributed run, differentiably (the backward sums the
-    gradients of every rank's loss); ``t`` itself in a single process."""
-    if not _distributed():
-        return t
-    from torch.distributed.nn.functional import all_reduce
+    """``t`` summed over the processes of a distributed run, differentiably; ``t`` itself in one process."""
+    return _AllReduceSum.apply(t) if _distributed() else t
 
-    return all_reduce(t)
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward sums the gradients of every rank's loss (the gradient of the sum of
+    all ranks' losses with respect to each rank's input, as SyncBatchNorm computes it)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:
+        out = t.clone()
+        torch.distributed.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
 
 
 class FrozenProcessorFinetuning(L.LightningModule):

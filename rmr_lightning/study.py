@@ -15,6 +15,7 @@ import logging
 import math
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -121,10 +122,6 @@ def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
         checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
         results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint or None, verbose=False)[0]
         val = cli.trainer.checkpoint_callback.best_model_score if cli.trainer.checkpoint_callback else None
-        if study.logger == "wandb":
-            import wandb
-
-            wandb.finish()
         return {
             "task": study.task,
             "variant": variant,
@@ -141,6 +138,10 @@ def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
             "processor_sha256": cli.model.artifact_sha256,
         }
     finally:
+        if study.logger == "wandb":  # also after a failed run, or the worker's next run would join its W&B run
+            import wandb
+
+            wandb.finish(exit_code=0 if sys.exc_info()[0] is None else 1)
         # trainer, model and datamodule reference each other, so without a full collection every run's
         # cohort stayed in the worker (1.1 GB per run at 2 mm: a worker reached 12 GB and was OOM-killed)
         del cli

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO, TINY_PRETRAIN, rmr, tiny_natural
 
 DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.enable_progress_bar=false"]
@@ -44,15 +46,19 @@ def test_pretraining_ddp_completes_and_rank_zero_writes_the_artifact(tmp_path: P
     assert curve[0] == "step,seconds,train_seconds,val_r2_delta" and len(curve) == 3  # one writer, two validations
 
 
-def _centring_rank(rank: int, init_file: str, x: "torch.Tensor", present: "torch.Tensor", out_dir: str) -> None:
-    """One of two processes: its half of the batch through RegionCentring, outputs and gradients saved."""
+def _centring_rank(rank: int, init_file: str, x: "torch.Tensor", present: "torch.Tensor", out_dir: str, first: int) -> None:
+    """One of two processes: its share of the batch (rank 0 the first ``first`` subjects) through
+    RegionCentring, outputs and gradients saved."""
+    from datetime import timedelta
+
     import torch
 
     from rmr_lightning.finetuning import RegionCentring
 
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    # a collective one rank skips would hang; fail within a minute instead
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
     try:
-        half = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
+        half = slice(0, first) if rank == 0 else slice(first, len(x))
         xs = x[half].clone().requires_grad_(True)
         centring = RegionCentring(num_regions=x.shape[1], channels=x.shape[2]).train()
         out = centring(xs, present[half])
@@ -62,9 +68,11 @@ def _centring_rank(rank: int, init_file: str, x: "torch.Tensor", present: "torch
         torch.distributed.destroy_process_group()
 
 
-def test_region_centring_uses_the_global_batch_across_processes(tmp_path: Path) -> None:
-    """Two ranks with half a batch each give the outputs, input gradients and running statistics of one
-    process with the whole batch (a per-rank mean would centre each half on itself)."""
+@pytest.mark.parametrize("first", [3, 1])
+def test_region_centring_uses_the_global_batch_across_processes(tmp_path: Path, first: int) -> None:
+    """Two ranks with parts of a batch give the outputs, input gradients and running statistics of one
+    process with the whole batch (a per-rank mean would centre each part on itself; a rank with one
+    subject must still join the reductions)."""
     import torch
     import torch.multiprocessing as mp
 
@@ -74,7 +82,7 @@ def test_region_centring_uses_the_global_batch_across_processes(tmp_path: Path) 
     x = torch.randn(6, 4, 3, generator=gen) + torch.arange(6.0).view(6, 1, 1)  # halves differ in mean
     present = (torch.rand(6, 4, 1, generator=gen) > 0.2).float()
     present[:3, 0] = 0  # region 0 only on the second rank
-    mp.spawn(_centring_rank, args=(str(tmp_path / "init"), x, present, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_centring_rank, args=(str(tmp_path / "init"), x, present, str(tmp_path), first), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
 
     whole = x.clone().requires_grad_(True)

@@ -84,3 +84,4 @@ def test_preprocessing_cache_key_ignores_memory_addresses() -> None:
     assert transform_key(tio.ZNormalization(masking_method=a)) == transform_key(tio.ZNormalization(masking_method=b))
     assert transform_key(preprocessing(4, (45, 54, 45), "mri")) != transform_key(preprocessing(6, (45, 54, 45), "mri"))
     assert transform_key(preprocessing(4, (45, 54, 45), "mri")) != transform_key(preprocessing(4, (45, 54, 45), "ct"))
+    assert transform_key(preprocessing(4, (45, 54, 45), "ct")) != transform_key(preprocessing(4, (45, 54, 45), "ct", (-20.0, 100.0)))

@@ -23,7 +23,6 @@ if [ -d .whl ] && ! { command -v rmr-study > /dev/null && python3 -c "import tor
   python3 -m pip install -q --no-deps --no-index --no-build-isolation . > "$WORK/install.log" 2>&1 || { cat "$WORK/install.log"; exit 1; }
 fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline RMR_CACHE=${RMR_CACHE:-/tmp/rmr_cache}
-export RMR_STUDY_TAG="gpu_study_$$"  # marks this script's processes, so the clean-up below kills no one else's
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$WORK/gpu.txt"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 10 > "$WORK/gpu_util.csv" 2>/dev/null &
 SMI=$!
@@ -59,7 +58,8 @@ $PRECISION
 YAML
   local start=$(date +%s)
   # output to a file, not a pipe: worker processes outliving a timed-out parent would hold a pipe open
-  timeout -k 10 "${LIMIT:-450}" rmr-study --config "$dir/study.yaml" >> "$dir/study.log" 2>&1  # appended: a resumed study keeps the earlier log
+  # the tag marks rmr-study and its workers (not this script), so the clean-up below kills no one else's
+  RMR_STUDY_TAG="gpu_study_$$" timeout -k 10 "${LIMIT:-450}" rmr-study --config "$dir/study.yaml" >> "$dir/study.log" 2>&1  # appended: a resumed study keeps the earlier log
   local rc=$?
   echo "$task study wall: $(( $(date +%s) - start )) s (exit $rc)" | tee -a "$dir/study.log"
 }
@@ -80,9 +80,7 @@ pids=()
 for task in ${TASKS:-mri ct}; do study "$task" & pids+=($!); done
 wait "${pids[@]}"
 # study workers that outlived a timed-out rmr-study (timeout signals its process group; this is the backstop)
-for pid in $(grep -lz "^RMR_STUDY_TAG=$RMR_STUDY_TAG\$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3); do
-  [ "$pid" != $$ ] && [ "$pid" != "$SMI" ] && grep -qz "multiprocessing" "/proc/$pid/cmdline" 2>/dev/null && kill "$pid" 2>/dev/null
-done
+for pid in $(grep -lz "^RMR_STUDY_TAG=gpu_study_$$\$" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3); do kill "$pid" 2>/dev/null; done
 kill $SMI 2>/dev/null
 echo "all studies: $(( $(date +%s) - start )) s"
 for task in ${TASKS:-mri ct}; do  # table and plot from what finished

@@ -5,12 +5,13 @@
 # The studies run side by side (the small 3D CNNs leave the GPU mostly idle); summary.csv is written after
 # every run, so a study cut off by LIMIT keeps what finished, and its table and plot are made from that.
 # Usage: bash scripts/gpu_study.sh   (env: TASKS, LIMIT seconds, SPACING, STEPS, WORKERS per task, SIZES,
-#                                      VARIANTS, SEEDS, ACCEL, CENTRING=false for region_centring off, SMOKE=0 to skip
-#                                      the precision check; results in $OUT/results.tgz)
+#                                      VARIANTS, SEEDS, ACCEL, CENTRING=false for region_centring off, GAIN for
+#                                      gain_lr_factor (default 10), SMOKE=0 to skip the precision check;
+#                                      results in $OUT/results.tgz)
 # RESUME=PREFIX continues earlier studies: PREFIX_mri_summary.csv / PREFIX_ct_summary.csv become each study's
 # summary.csv, so the runs they hold (same variant, size and seed) are skipped. Resume only with the settings
-# they were run with: the saved 2 mm runs predate region centring, so
-#   RESUME=docs/measurements/2026-11-27/gpu_2mm CENTRING=false SIZES="[16, 64]" VARIANTS="[rmr, baseline]" bash scripts/gpu_study.sh
+# they were run with: the saved H100 2 mm runs predate region centring and the faster gains, so
+#   RESUME=docs/measurements/2026-11-27/gpu_2mm CENTRING=false GAIN=1 SIZES="[16, 64]" VARIANTS="[rmr, baseline]" bash scripts/gpu_study.sh
 set -uo pipefail
 OUT=${OUT:-results/gpu_study}
 WORK=${WORK:-/tmp/rmr_gpu_study}
@@ -54,6 +55,7 @@ overrides:
   - --data.init_args.num_workers=0
   - --trainer.max_steps=${STEPS:-400}
   - --model.init_args.region_centring=${CENTRING:-true}
+  - --model.init_args.gain_lr_factor=${GAIN:-10}
 $PRECISION
 YAML
   local start=$(date +%s)

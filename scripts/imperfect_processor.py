@@ -80,7 +80,9 @@ def main() -> None:
                         help="g' of every variant (FrozenProcessorFinetuning's readout): calibrated (default), linear, residual")
     parser.add_argument("--variants", nargs="+", default=["rmr"], help="variants run with every processor artifact (rmr, unfrozen)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--overrides", nargs="*", default=[], help="extra rmr arguments for every fine-tuning run, e.g. --overrides=--model.init_args.region_centring=false")
+    parser.add_argument("--overrides", nargs="*", action="extend", default=[],
+                        help="extra rmr arguments for every fine-tuning run; repeat it for several, e.g. "
+                        "--overrides=--model.init_args.region_centring=false --overrides=--model.init_args.gain_lr_factor=1")
     parser.add_argument("--out", type=Path, default=Path("results/imperfect"))
     args = parser.parse_args()
 

@@ -199,12 +199,14 @@ def test_a_poorly_pretrained_frozen_processor_is_warned_about(tiny_artifact: Pat
         assert any("validation R^2 of the change of only" in str(w.message) for w in caught) == warns, (r2, variant)
 
 
-def test_cohort_parameters_get_their_own_learning_rate(tiny_artifact: Path) -> None:
+def test_cohort_parameters_and_gains_get_their_own_learning_rates(tiny_artifact: Path) -> None:
     torch.manual_seed(0)
     model = FrozenProcessorFinetuning(processor_artifact=str(tiny_artifact), encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
-                                      cohort_lr_factor=10.0, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))  # fmt: skip
+                                      cohort_lr_factor=10.0, gain_lr_factor=30.0,
+                                      optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))  # fmt: skip
     optimizer = model.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     assert lrs[id(model.cohort_logits)] == pytest.approx(1e-2)
+    assert lrs[id(model.log_gain)] == pytest.approx(3e-2)
     assert lrs[id(model.encoder.fuse.weight)] == pytest.approx(1e-3)

@@ -481,7 +481,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         }
 
     def configure_optimizers(self) -> Any:
-        slow = {name: self.hparams.abstract_lr_factor for name in ("abstract_encoder", "processor", "decoder")}
-        slow["cohort_logits"] = self.hparams.cohort_lr_factor
-        slow["log_gain"] = self.hparams.gain_lr_factor
-        return configure_optimizers(self, self.optimizer, self.lr_scheduler, slow=slow)
+        factors = {name: self.hparams.abstract_lr_factor for name in ("abstract_encoder", "processor", "decoder")}
+        factors["cohort_logits"] = self.hparams.cohort_lr_factor
+        factors["log_gain"] = self.hparams.gain_lr_factor
+        return configure_optimizers(self, self.optimizer, self.lr_scheduler, lr_factors=factors)

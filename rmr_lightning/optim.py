@@ -14,17 +14,17 @@ def configure_optimizers(
     module: L.LightningModule,
     optimizer: OptimizerCallable,
     lr_scheduler: LRSchedulerCallable | None,
-    slow: dict[str, float] | None = None,
+    lr_factors: dict[str, float] | None = None,
 ) -> Any:
     """The injected optimiser over trainable parameters only; cosine decay over the whole run
     (``trainer.estimated_stepping_batches``) unless a scheduler is injected.
 
-    ``slow`` maps submodule or parameter names to a learning-rate factor (their own parameter group).
+    ``lr_factors`` maps submodule or parameter names to a learning-rate factor (their own parameter group).
     """
-    slow = {name: factor for name, factor in (slow or {}).items() if factor != 1.0}
+    lr_factors = {name: factor for name, factor in (lr_factors or {}).items() if factor != 1.0}
     seen: set[int] = set()
     groups = []
-    for name, factor in slow.items():
+    for name, factor in lr_factors.items():
         part = getattr(module, name)
         params = [p for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters()) if p.requires_grad]
         seen.update(id(p) for p in params)

@@ -10,8 +10,8 @@
 #                                      results in $OUT/results.tgz)
 # RESUME=PREFIX continues earlier studies: PREFIX_mri_summary.csv / PREFIX_ct_summary.csv become each study's
 # summary.csv, so the runs they hold (same variant, size and seed) are skipped. Resume only with the settings
-# they were run with: the saved H100 2 mm runs predate region centring and the faster gains, so
-#   RESUME=docs/measurements/2026-11-27/gpu_2mm CENTRING=false GAIN=1 SIZES="[16, 64]" VARIANTS="[rmr, baseline]" bash scripts/gpu_study.sh
+# they were run with: the H100 2 mm runs in before_region_centring/ predate region centring and the faster gains, so
+#   RESUME=docs/measurements/2026-11-27/before_region_centring/gpu_2mm CENTRING=false GAIN=1 SIZES="[16, 64]" VARIANTS="[rmr, baseline]" bash scripts/gpu_study.sh
 set -uo pipefail
 OUT=${OUT:-results/gpu_study}
 WORK=${WORK:-/tmp/rmr_gpu_study}

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
-.PHONY: env demo test test-slow test-gpu pretrain pretrain-fkpp study-mri study-ct bench clean
+.PHONY: env demo test test-slow test-gpu pretrain pretrain-fkpp pretrain-lesion study-mri study-ct study-lesion bench clean
 
 env: $(STAMP)
 
@@ -50,6 +50,13 @@ pretrain: env
 	$(BIN)/rmr test --config configs/pretrain/ndm.yaml --ckpt_path last
 	@cat results/pretrain/metrics.json
 
+# The deep MLP pretrained on Gompertz growth of single lesions (results/pretrain_lesion/), for the lesion task.
+pretrain-lesion: env
+	rm -rf results/pretrain_lesion/checkpoints
+	$(BIN)/rmr fit --config configs/pretrain/ndm.yaml --config configs/pretrain/gompertz.yaml
+	$(BIN)/rmr test --config configs/pretrain/ndm.yaml --config configs/pretrain/gompertz.yaml --ckpt_path last
+	@cat results/pretrain_lesion/metrics.json
+
 # The same processor pretrained on network Fisher-KPP (results/pretrain_fkpp/), for configs/natural/fkpp.yaml.
 pretrain-fkpp: env
 	rm -rf results/pretrain_fkpp/checkpoints
@@ -64,6 +71,11 @@ study-mri: env
 study-ct: env
 	@test -f results/pretrain/processor.pt || $(MAKE) pretrain
 	$(BIN)/rmr-study --config configs/study/brain_ct.yaml
+
+# The lesion-growth study (lung-nodule CT patches from a tio.Queue, Gompertz growth), CPU scale.
+study-lesion: env
+	@test -f results/pretrain_lesion/processor.pt || $(MAKE) pretrain-lesion
+	$(BIN)/rmr-study --config configs/study/lesion_ct.yaml
 
 bench: env
 	$(BIN)/python scripts/bench_processors.py

@@ -8,6 +8,8 @@ the real DK84 connectome, graphs 2-4x larger than any seen, and horizons 1.5-3x 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 import numpy as np
 import torch
@@ -36,9 +38,18 @@ class GraphSamples(Dataset):
         graph_of_sample: (S,) index into ``graphs`` for each sample.
         algorithm: the algorithm A that produces the targets.
         seed: seed of initial states and parameters.
+        state_sampler: ``(connectivity, num, rng) -> x0 (num, n)``; default ``initial_states`` (seeded,
+            spread and diffused patterns of pathology).
     """
 
-    def __init__(self, graphs: list[Tensor], graph_of_sample: Tensor, algorithm: GraphAlgorithm, seed: int) -> None:
+    def __init__(
+        self,
+        graphs: list[Tensor],
+        graph_of_sample: Tensor,
+        algorithm: GraphAlgorithm,
+        seed: int,
+        state_sampler: Callable[[Tensor, int, np.random.Generator], Tensor] | None = None,
+    ) -> None:
         rng = np.random.default_rng(seed)
         gen = torch.Generator().manual_seed(seed)
         sizes = torch.tensor([g.shape[0] for g in graphs])
@@ -64,7 +75,7 @@ class GraphSamples(Dataset):
         for g in torch.unique(graph_of_sample).tolist():
             ids = torch.nonzero(graph_of_sample == g).squeeze(1)
             conn = graphs[g]
-            x0 = initial_states(DiffusionSpectrum(conn), len(ids), rng)
+            x0 = state_sampler(conn, len(ids), rng) if state_sampler else initial_states(DiffusionSpectrum(conn), len(ids), rng)
             params = algorithm.sample_params(len(ids), gen)
             y = algorithm(conn, x0, params)
             n = conn.shape[0]
@@ -219,5 +230,6 @@ def abstract_spec(algorithm: GraphAlgorithm) -> dict:
         "param_scale": [max(abs(lo), abs(hi)) or 1.0 for lo, hi in algorithm.ranges.values()],
         "param_ranges": [list(algorithm.ranges[name]) for name in algorithm.param_names],
         "time_param": algorithm.time_param,
+        "param_decay": list(algorithm.param_decay),
         "max_time": algorithm.max_time,
     }

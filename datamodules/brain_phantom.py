@@ -19,7 +19,6 @@ Everything is a function of ``seed``; the cohort is generated once and cached on
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.sampling import epoch_sampler
-from datamodules.scans import collate_subjects, preprocessing, transform_key
+from datamodules.scans import collate_subjects, preprocessing, settings_key, transform_key
 from rmr_lightning.algorithms import GraphAlgorithm, NetworkDiffusion
 from rmr_lightning.anatomy import Anatomy, load_anatomy
 from rmr_lightning.batches import ScanBatch
@@ -325,9 +324,8 @@ class BrainPhantomDataModule(L.LightningDataModule):
         return 84
 
     def _key(self, anatomy_hash: str) -> str:
-        settings = {k: v for k, v in self.hparams.items() if k not in ("train_size", "subset_seed", "batch_size", "num_workers", "render_workers", "cache_dir", "augment")}
-        settings.update(algorithm=repr(self.algorithm), cohort_params=self.cohort_params, version=COHORT_VERSION, anatomy=anatomy_hash)
-        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        settings = {**self.hparams, "algorithm": repr(self.algorithm), "cohort_params": self.cohort_params, "version": COHORT_VERSION, "anatomy": anatomy_hash}
+        return settings_key(settings, skip=("train_size", "subset_seed", "batch_size", "num_workers", "render_workers", "cache_dir", "augment"))
 
     def _generate(self, anatomy: Anatomy) -> dict[str, Tensor]:
         hp = self.hparams

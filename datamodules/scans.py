@@ -8,6 +8,7 @@ windowing) and the same ``collate_subjects``, so the model never knows where a s
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Sequence
 
@@ -30,6 +31,14 @@ def transform_key(transform: tio.Transform) -> str:
     known by name alone, so two different functions with one name would share a key (ours use TorchIO's)."""
     settings = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
     return hashlib.sha256(settings.encode()).hexdigest()[:12]
+
+
+def settings_key(settings: dict, skip: Sequence[str] = ()) -> str:
+    """A short hash of a datamodule's settings for its cache file name: the same whether the datamodule was
+    built in Python or by LightningCLI (which adds private ``_class_path``/``_instantiator`` entries to
+    ``hparams``), and blind to the settings in ``skip`` that do not change the cached data."""
+    kept = {k: v for k, v in settings.items() if not k.startswith("_") and k not in skip}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def preprocessing(

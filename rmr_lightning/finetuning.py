@@ -208,6 +208,17 @@ class FrozenProcessorFinetuning(L.LightningModule):
             per step at the encoder's rate and lose the state's alignment within a few steps.
         cohort_lr_factor: learning-rate factor for the cohort's parameters of A (e.g. gamma), which move
             from mid-range only as fast as the shared learning rate lets them.
+        connectome: the graph ``P`` runs on: ``dk84`` (the shipped connectome; label r is region r) or
+            ``isolated`` (``len(region_names)`` nodes without edges, e.g. one lesion per scan).
+        region_names: names of the regions of an ``isolated`` graph (default one region, ``lesion``).
+        subject_params: parameters of ``A`` that differ between subjects and are estimated from each scan
+            (a head on the subject's pooled features, kept inside the pretraining range); the others are
+            cohort constants (learned) or the time covariate. Lesions: ``[r]``, whose growth rate follows
+            the nodule type that the scan's density shows.
+        state_init: the estimated abstract state every region starts from (a typical state: 0.05 for brain
+            regions, most of which are healthy; about 0.3 for lesions).
+        state_unit: target units per unit of the abstract state, where they differ (lesions: the state is
+            the volume relative to a 20 mm sphere and targets are in mL, so 4.19); the readout's gains start there.
         gain_lr_factor: learning-rate factor for the readout's two log-gains. Adam moves a log-gain by about
             the learning rate per step, so under cosine decay it travels at most ~``lr * steps / 2`` (0.6 in the
             demo at factor 1): too little to turn down a P whose change is noise (``random_p``). 10 had the
@@ -229,6 +240,11 @@ class FrozenProcessorFinetuning(L.LightningModule):
         abstract_lr_factor: float = 0.1,
         cohort_lr_factor: float = 1.0,
         gain_lr_factor: float = 10.0,
+        connectome: Literal["dk84", "isolated"] = "dk84",
+        region_names: list[str] | None = None,
+        subject_params: list[str] | None = None,
+        state_init: float = STATE_INIT,
+        state_unit: float = 1.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -260,7 +276,18 @@ class FrozenProcessorFinetuning(L.LightningModule):
         self.time_covariate_index = covariate_names.index(time_covariate)
         self.register_buffer("param_scale", torch.tensor(spec["param_scale"], dtype=torch.float32), persistent=False)
 
-        conn, self.region_names = load_dk84()
+        if connectome == "dk84":
+            conn, self.region_names = load_dk84()
+        elif connectome == "isolated":
+            self.region_names = list(region_names or ["lesion"])
+            conn = torch.zeros(len(self.region_names), len(self.region_names), dtype=torch.float64)
+        else:
+            raise ValueError(f"connectome must be 'dk84' or 'isolated', got {connectome!r}")
+        self.subject_params = list(subject_params or [])
+        unknown = [p for p in self.subject_params if p not in self.param_names or p == spec["time_param"]]
+        if unknown:
+            raise ValueError(f"subject_params {unknown} are not parameters of A other than time: {self.param_names}")
+        self.subject_param_index = [self.param_names.index(p) for p in self.subject_params]
         edge_index, edge_weight = graph_tensors(conn)
         self.register_buffer("edge_index", edge_index, persistent=False)
         self.register_buffer("edge_weight", edge_weight, persistent=False)
@@ -276,7 +303,16 @@ class FrozenProcessorFinetuning(L.LightningModule):
         head_in = (3 if region_centring else 2) * channels + 1 + num_cov
         self.state_head = nn.Sequential(nn.Linear(head_in, head_hidden), nn.ReLU(), nn.Linear(head_hidden, 1))
         # regions differ in partial volume; the offset starts the estimate near 0 (most regions are healthy)
-        self.state_bias = nn.Parameter(torch.full((self.num_regions,), STATE_LOGIT_INIT))
+        if not 0.0 < state_init < 1.0:
+            raise ValueError(f"state_init must lie in (0, 1), got {state_init}")
+        self.state_init = float(state_init)
+        self.state_bias = nn.Parameter(torch.full((self.num_regions,), math.log(state_init / (1.0 - state_init))))
+        # per-subject parameters of A from the subject's mean feature and covariates, starting mid-range
+        self.param_head = None
+        if self.subject_params:
+            self.param_head = nn.Sequential(nn.Linear(channels + num_cov, head_hidden), nn.ReLU(), nn.Linear(head_hidden, len(self.subject_params)))
+            nn.init.zeros_(self.param_head[-1].weight)
+            nn.init.zeros_(self.param_head[-1].bias)
         # Cohort-level parameters of A other than time (e.g. gamma): learned, but kept inside the range P
         # was pretrained on (low + (high - low) * sigmoid), starting mid-range.
         self.cohort_logits = nn.Parameter(torch.zeros(len(self.param_names)))
@@ -297,8 +333,10 @@ class FrozenProcessorFinetuning(L.LightningModule):
         # ---- g': the abstract decoder g reads the state now, g(z), and after P, g(P(z)); a calibration
         # with positive gains maps them to (baseline, change) in units standardised on the training set
         self.decoder = decoder
-        # gains exp(log_gain) > 0 start at one target unit per unit of state: the sign of the state is anchored
-        self.log_gain = nn.Parameter(torch.zeros(2))
+        # gains exp(log_gain) > 0 start at ``state_unit`` target units per unit of state: the sign of the state is anchored
+        if state_unit <= 0:
+            raise ValueError(f"state_unit must be positive, got {state_unit}")
+        self.log_gain = nn.Parameter(torch.full((2,), math.log(state_unit)))
         self.covariate_decoder = nn.Linear(num_cov, 2)
         nn.init.zeros_(self.covariate_decoder.weight)  # start from the training mean of every region
         nn.init.zeros_(self.covariate_decoder.bias)
@@ -332,8 +370,10 @@ class FrozenProcessorFinetuning(L.LightningModule):
         return self
 
     # ---- encode / process / decode -------------------------------------------------------------
-    def abstract_params(self, covariates: Tensor) -> Tensor:
-        """Scaled parameters of A per subject: learned cohort values, the horizon from the covariates. (B, P)"""
+    def abstract_params(self, covariates: Tensor, context: Tensor | None = None) -> Tensor:
+        """Scaled parameters of A per subject (B, P): learned cohort values, the horizon from the covariates,
+        and the ``subject_params`` estimated from the subject's mean feature ``context`` (B, C) and the
+        standardised covariates."""
         horizon = covariates[:, self.time_covariate_index]
         if self.max_time and bool((horizon > self.max_time * (1 + 1e-6)).any()):
             raise ValueError(
@@ -343,6 +383,14 @@ class FrozenProcessorFinetuning(L.LightningModule):
         cohort = self.param_low + (self.param_high - self.param_low) * torch.sigmoid(self.cohort_logits)
         params = cohort.unsqueeze(0).expand(len(horizon), -1).clone()
         params[:, self.time_index] = horizon
+        if self.param_head is not None:
+            if context is None:
+                raise ValueError(f"subject_params {self.subject_params} need the subject's features (context)")
+            cov = (covariates - self.covariate_mean) / self.covariate_std
+            logits = self.param_head(torch.cat([context, cov], dim=-1))  # (B, S)
+            idx = self.subject_param_index
+            low, high = self.param_low[idx], self.param_high[idx]
+            params[:, idx] = low + (high - low) * torch.sigmoid(self.cohort_logits[idx] + logits)
         return params / self.param_scale
 
     def encode(self, b: ScanBatch) -> tuple[Tensor, Tensor, Tensor]:
@@ -360,7 +408,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         head_in = torch.cat(parts, dim=-1)
         # in (0, 1): the range of states P was pretrained on, so frozen P is never asked to extrapolate
         state = torch.sigmoid(self.state_head(head_in).squeeze(-1) + self.state_bias)  # (B, R)
-        return self.embed(state, self.abstract_params(b.covariates)), state, cov
+        return self.embed(state, self.abstract_params(b.covariates, context.squeeze(1))), state, cov
 
     def embed(self, state: Tensor, params: Tensor) -> Tensor:
         """f([x', p]) per region: states (B, R) and scaled parameters of A (B, P) -> latents (B*R, H)."""
@@ -385,7 +433,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         if self.latent_decoder is not None:  # linear, residual: a map of [z, P(z)] (B*R, 2H) -> (B, R, 2)
             offset = offset + self.latent_decoder(torch.cat([z, z_next], dim=-1)).reshape(bsz, self.num_regions, 2)
         if self.hparams.readout != "linear":  # calibrated: g reads the states, positive gains map them to targets
-            baseline = self.target_mean[:, 0] + gain[0] * (now - STATE_INIT) + self.target_std[0] * offset[..., 0]
+            baseline = self.target_mean[:, 0] + gain[0] * (now - self.state_init) + self.target_std[0] * offset[..., 0]
             change = self.target_mean[:, 2] + gain[1] * (after - now) + self.target_std[2] * offset[..., 1]
         else:
             baseline = self.target_mean[:, 0] + self.target_std[0] * offset[..., 0]

@@ -13,7 +13,6 @@ from typing import Any
 
 import lightning as L
 import pandas as pd
-import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 

@@ -70,6 +70,8 @@ class ProcessorPretraining(L.LightningModule):
         self.register_buffer("param_scale", torch.tensor(spec["param_scale"], dtype=torch.float32), persistent=False)
         self.time_index = spec["param_names"].index(spec["time_param"]) if spec.get("time_param") else None
         self.max_time = spec.get("max_time")
+        decay = spec.get("param_decay") or [0.0] * len(spec["param_names"])
+        self.register_buffer("param_decay", torch.tensor(decay, dtype=torch.float32), persistent=False)
         self.encoder = nn.Linear(1 + len(spec["param_names"]), hidden_dim)  # f: [x', params] -> z
         self.processor = build_processor(processor, hidden_dim)  # P
         self.decoder = nn.Linear(hidden_dim, 1)  # g: z -> state
@@ -96,7 +98,7 @@ class ProcessorPretraining(L.LightningModule):
 
     def forward(self, b: GraphBatch) -> tuple[Tensor, Tensor]:
         """Predict ``y'`` (as a rollout where a horizon exceeds the training maximum) and reconstruct ``x'``."""
-        y_hat = rollout(lambda x, p: self.step(x, p, b), b.x, b.params, self.time_index, self.max_time, b.batch)
+        y_hat = rollout(lambda x, p: self.step(x, p, b), b.x, b.params, self.time_index, self.max_time, b.batch, self.param_decay)
         recon = self.decode(self.encode(b.x, b.params, b.batch))
         return y_hat, recon
 

@@ -2,7 +2,9 @@
 
 Network diffusion is a semigroup, ``expm(-gamma H (t1 + t2)) = expm(-gamma H t2) expm(-gamma H t1)``,
 so a processor trained on horizons up to ``T`` reaches ``k T`` by ``k`` applications, decoding the
-state and re-encoding it between steps.
+state and re-encoding it between steps. Where a parameter is a rate that decays with elapsed time (the
+Gompertz growth rate, ``r(t) = r e^{-rho t}``), each step starts from the value it has decayed to, which
+makes the steps compose exactly as well.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def rollout(
     time_index: int | None,
     max_time: float | None,
     node_graph: Tensor,
+    param_decay: Tensor | None = None,
 ) -> Tensor:
     """Apply ``step(x, params) -> x_next`` until each graph has covered its horizon.
 
@@ -34,6 +37,7 @@ def rollout(
         step: one application of the model; x (N,), params (G, P) -> (N,).
         x: node states (N,); params: per-graph parameters (G, P) whose ``time_index`` column is the horizon.
         node_graph: (N,) graph of each node.
+        param_decay: (P,) rates at which parameters decay with elapsed time (0 for constants), or None.
     """
     if time_index is None:
         return step(x, params)
@@ -43,5 +47,9 @@ def rollout(
     params = params.clone()
     params[:, time_index] = params[:, time_index] / steps
     for k in range(int(steps.max())):
-        x = torch.where((steps > k)[node_graph], step(x, params), x)
+        now = params
+        if param_decay is not None:  # (G, P): each rate as it has decayed after k steps of this graph
+            now = params * torch.exp(-param_decay * k * params[:, time_index : time_index + 1])
+            now[:, time_index] = params[:, time_index]
+        x = torch.where((steps > k)[node_graph], step(x, now), x)
     return x

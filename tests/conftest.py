@@ -41,3 +41,25 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("artifact") / "processor.pt"
     save_processor_artifact(path, model.processor, model.encoder, model.decoder, model.abstract_spec)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lesion_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small deep MLP (hidden 16) pretrained for a few steps on Gompertz growth of single lesions."""
+    from datamodules.lesion_abstract import AbstractLesionDataModule
+    from rmr_lightning.artifact import save_processor_artifact
+    from rmr_lightning.pretraining import ProcessorPretraining
+
+    torch.manual_seed(0)
+    dm = AbstractLesionDataModule(num_train=512, num_val=32, num_test=32, batch_size=64)
+    dm.setup("fit")
+    model = ProcessorPretraining(processor="mlp", hidden_dim=16, abstract_spec=dm.abstract_spec)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for batch in dm.train_dataloader():
+        loss, _, _ = model.model_step(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("lesion_artifact") / "processor.pt"
+    save_processor_artifact(path, model.processor, model.encoder, model.decoder, model.abstract_spec)
+    return path

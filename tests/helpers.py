@@ -26,6 +26,17 @@ def tiny_natural(artifact: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def tiny_lesion(artifact: Path) -> list[str]:
+    """Overrides that make the lesion config run on a few small subjects."""
+    return [
+        f"--model.init_args.processor_artifact={artifact}",
+        "--model.init_args.encoder.init_args.widths=[2,4,4]", "--model.init_args.encoder.init_args.out_channels=4",
+        "--data.init_args.train_pool=6", "--data.init_args.train_size=6", "--data.init_args.num_val=2",
+        "--data.init_args.num_test=2", "--data.init_args.batch_size=2", "--data.init_args.size=24",
+        "--data.init_args.patch_size=16", "--data.init_args.roi_mm=5", "--data.init_args.diameter_mm=[4,8]",
+    ]  # fmt: skip
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for an ``rmr`` child: offline W&B with its own service. ``WANDB_SERVICE`` is dropped
     because a W&B run started earlier in this pytest process exports it, and a child that inherits it

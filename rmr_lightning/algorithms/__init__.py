@@ -8,14 +8,28 @@ from rmr_lightning.algorithms.diffusion import (
     row_normalised,
 )
 from rmr_lightning.algorithms.fkpp import fisher_kpp
+from rmr_lightning.algorithms.gompertz import (
+    NODULE_VDT_DAYS,
+    SUSPICIOUS_VDT_DAYS,
+    GompertzGrowth,
+    doubling_time,
+    gompertz_volume,
+    growth_rate,
+)
 from rmr_lightning.algorithms.tasks import FisherKPP, NetworkDiffusion
 
 __all__ = [
     "DiffusionSpectrum",
     "FisherKPP",
+    "GompertzGrowth",
     "GraphAlgorithm",
+    "NODULE_VDT_DAYS",
     "NetworkDiffusion",
+    "SUSPICIOUS_VDT_DAYS",
+    "doubling_time",
     "fisher_kpp",
+    "gompertz_volume",
+    "growth_rate",
     "network_diffusion",
     "random_walk_laplacian",
     "row_normalised",

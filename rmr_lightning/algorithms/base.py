@@ -41,6 +41,11 @@ class GraphAlgorithm(ABC):
         return None if self.time_param is None else self.param_names.index(self.time_param)
 
     @property
+    def param_decay(self) -> list[float]:
+        """Rate (1/time) at which each parameter decays with elapsed time; zero for constants (all, by default)."""
+        return [0.0] * len(self.param_names)
+
+    @property
     def max_time(self) -> float | None:
         return None if self.time_param is None else self.ranges[self.time_param][1]
 

@@ -1,0 +1,136 @@
+"""The lesion-growth task: abstract pretraining data, CT phantoms, queue-streamed patches, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DistributedSampler
+
+from datamodules.lesion_abstract import AbstractLesionDataModule
+from datamodules.lesion_ct import NODULE_TYPES, LesionCTDataModule, render_lesion, simulate_lesions
+from rmr_lightning.algorithms import NODULE_VDT_DAYS, growth_rate
+from tests.helpers import REPO, rmr, tiny_lesion
+
+SMALL = dict(train_pool=6, num_val=2, num_test=2, size=24, patch_size=16, roi_mm=5.0, diameter_mm=(4.0, 8.0), batch_size=2)
+
+
+def test_abstract_lesions_are_single_nodes_following_gompertz():
+    dm = AbstractLesionDataModule(num_train=64, num_val=8, num_test=8, batch_size=16)
+    dm.setup("fit")
+    b = next(iter(dm.train_dataloader()))
+    assert b.edge_index.shape == (2, 0) and b.x.shape == (16,) and torch.equal(b.batch, torch.arange(16))
+    r, t = b.params[:, 0].double(), b.params[:, 1].double()
+    expected = b.x.double() * torch.exp(r / 0.3 * (1 - torch.exp(-0.3 * t)))
+    assert torch.allclose(b.y.double(), expected, rtol=1e-5)
+    assert dm.abstract_spec["param_decay"] == [0.3, 0.0]  # the rate decays along a rollout
+
+
+def test_follow_up_volume_uses_the_doubling_time_of_the_nodule_type():
+    lesions = simulate_lesions(200, np.random.default_rng(0), (1, 1, 1), (6.0, 20.0), (0.5, 2.0), rho=0.0)
+    v0, v1 = lesions["target"][:, 0, 0].double(), lesions["target"][:, 0, 1].double()
+    t = lesions["covariates"][:, 0].double()
+    vdt_days = t * math.log(2) / torch.log(v1 / v0) * 365.25  # exponential growth when rho = 0
+    for k, name in enumerate(NODULE_TYPES):
+        assert torch.allclose(vdt_days[lesions["kind"] == k], torch.tensor(NODULE_VDT_DAYS[name], dtype=torch.float64), rtol=1e-4)
+    d = lesions["diameter"]
+    assert torch.allclose(v0, math.pi / 6 * d**3 / 1000, rtol=1e-5)  # mL
+    assert growth_rate(NODULE_VDT_DAYS["solid"]) > growth_rate(NODULE_VDT_DAYS["ground_glass"])
+
+
+@pytest.mark.parametrize("kind", range(3))
+def test_rendered_nodule_has_the_density_of_its_type(kind: int):
+    hu, roi, sampling = render_lesion(kind, 16.0, 48, 1.0, 12.0, np.random.default_rng(kind))
+    centre = torch.nonzero(sampling).float().mean(0)
+    grid = torch.stack(torch.meshgrid(*(torch.arange(48.0),) * 3, indexing="ij"), -1)
+    core = (grid - centre).norm(dim=-1) <= 3.0  # well inside the nodule
+    shell = ((grid - centre).norm(dim=-1) > 14.0) & ((grid - centre).norm(dim=-1) < 18.0)
+    inside, lung = float(hu[core].mean()), float(hu[shell].median())
+    assert -950 < lung < -750
+    if NODULE_TYPES[kind] == "ground_glass":
+        assert -750 < inside < -400
+    else:  # solid, or the solid core of a part-solid nodule
+        assert inside > -150
+    assert int(roi.sum()) == pytest.approx(4 / 3 * math.pi * 12**3, rel=0.03) and int(sampling.sum()) > 0
+
+
+def test_queue_streams_lesion_centred_patches_of_training_subjects(tmp_path: Path):
+    dm = LesionCTDataModule(**SMALL, train_size=4, samples_per_volume=3, cache_dir=str(tmp_path))
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, DistributedSampler)  # Lightning leaves it in place under DDP
+    train_ids = {f"lesion-ct-{i:05d}" for i in dm.splits["train"]}
+    full_roi = int(dm.cohort["roi"][0].sum())
+    seen = []
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        ids = []
+        for b in loader:
+            assert b.image.shape[2:] == (16, 16, 16) and b.target.shape[1:] == (1, 2)
+            assert torch.all(b.labels.sum((1, 2, 3, 4)) >= full_roi * 0.9)  # the region of interest stays in the patch
+            ids += b.subject_ids
+        assert set(ids) == train_ids and len(ids) == 4 * 3
+        seen.append(loader.sampler.queue.subject_sampler.epoch)
+    assert seen == [0, 1]  # set_epoch reached the subject sampler
+
+
+def test_centred_patch_outside_the_volume_is_refused(tmp_path: Path):
+    dm = LesionCTDataModule(**{**SMALL, "roi_mm": 2.0}, cache_dir=str(tmp_path))
+    dm.setup("fit")
+    dm.cohort["sampling"][dm.splits["val"][0]].zero_()
+    dm.cohort["sampling"][dm.splits["val"][0], 0, 0, 0, 0] = 1  # a nodule marked in the corner
+    with pytest.raises(ValueError, match=r"lesion-ct-\d+.*leaves the volume"):
+        next(iter(dm.val_dataloader()))
+
+
+def test_lesion_finetuning_keeps_the_frozen_mlp_and_estimates_the_rate_per_subject(tiny_lesion_artifact: Path, tmp_path: Path):
+    import lightning as L
+
+    from rmr_lightning.encoders import RegionCNN
+    from rmr_lightning.finetuning import FrozenProcessorFinetuning
+
+    dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
+    model = FrozenProcessorFinetuning(
+        str(tiny_lesion_artifact), connectome="isolated", subject_params=["r"], covariate_names=["horizon"],
+        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4), region_centring=False, state_init=0.3, state_unit=4.18879,
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in model.processor.state_dict().items()}
+    head = model.param_head[0].weight.clone()
+    L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(model, dm)
+    assert all(torch.equal(before[k], v) for k, v in model.processor.state_dict().items())
+    assert not torch.equal(head, model.param_head[0].weight)  # the rate head learns through the frozen P
+    b = next(iter(dm.val_dataloader()))
+    z, _, _ = model.encode(b)
+    params = model.abstract_params(b.covariates, model.encoder(b.image, b.labels, 1)[0][:, 0]) * model.param_scale
+    low, high = model.param_low[0], model.param_high[0]
+    assert z.shape == (2, model.processor.hidden_dim) and torch.all((params[:, 0] > low) & (params[:, 0] < high))
+    with pytest.raises(ValueError, match="subject_params"):
+        FrozenProcessorFinetuning(str(tiny_lesion_artifact), connectome="isolated", subject_params=["t"], covariate_names=["horizon"])
+
+
+def test_lesion_ddp_ranks_read_disjoint_subjects_from_their_queues(tiny_lesion_artifact: Path, tmp_path: Path):
+    probe = {"class_path": "ddp_probe.RecordSubjects", "init_args": {"dirpath": str(tmp_path / "seen")}}
+    args = [
+        "fit", "--config", "configs/natural/lesion_ct.yaml", *tiny_lesion(tiny_lesion_artifact),
+        f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--trainer.max_epochs=2", "--trainer.max_steps=-1",
+        "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1", "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks=[{json.dumps(probe)}]",
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    result = rmr(args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    orders = []
+    for epoch in (0, 1):
+        ranks = [json.loads((tmp_path / "seen" / f"rank{r}_epoch{epoch}.json").read_text()) for r in (0, 1)]
+        assert all(r["world_size"] == 2 for r in ranks)
+        a, b = (set(r["subjects"]) for r in ranks)
+        assert a and b and not a & b, (a, b)  # each rank's queue reads its own subjects
+        assert len(a | b) == 6  # together they cover the training set
+        orders.append(ranks[0]["subjects"])
+    assert all(len(o) == 3 * 2 for o in orders)  # 3 subjects per rank, 2 patches each

@@ -202,6 +202,9 @@ class FrozenProcessorFinetuning(L.LightningModule):
         readout: ``calibrated`` (g reads the state now and after P; positive gains map it to the targets)
             or ``linear`` (a free linear map of ``[z, P(z)]``, as in the RMR paper; no anchoring), or
             ``residual`` (calibrated plus a zero-initialised linear map of ``[z, P(z)]``).
+        change_from_mean: the calibrated change starts from the training mean change plus ``P``'s change
+            (brain: most of the change is ageing and the mean carries it), or from ``P``'s change alone
+            (lesions: growth is all of it, and a mean added on top must be unlearned; 1 mm lesion study, n=64).
         change_weight: weight of the loss on the change (follow-up minus baseline), the headline.
         abstract_lr_factor: learning-rate factor for ``f``, ``P`` and ``g`` when they learn. Adam moves every
             weight by about the learning rate, so a 128-wide linear ``g`` would move its read-out by ~0.2
@@ -237,6 +240,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         region_centring: bool = True,
         readout: Literal["calibrated", "linear", "residual"] = "calibrated",
         change_weight: float = 1.0,
+        change_from_mean: bool = True,
         abstract_lr_factor: float = 0.1,
         cohort_lr_factor: float = 1.0,
         gain_lr_factor: float = 10.0,
@@ -434,7 +438,8 @@ class FrozenProcessorFinetuning(L.LightningModule):
             offset = offset + self.latent_decoder(torch.cat([z, z_next], dim=-1)).reshape(bsz, self.num_regions, 2)
         if self.hparams.readout != "linear":  # calibrated: g reads the states, positive gains map them to targets
             baseline = self.target_mean[:, 0] + gain[0] * (now - self.state_init) + self.target_std[0] * offset[..., 0]
-            change = self.target_mean[:, 2] + gain[1] * (after - now) + self.target_std[2] * offset[..., 1]
+            mean_change = self.target_mean[:, 2] if self.hparams.change_from_mean else 0.0
+            change = mean_change + gain[1] * (after - now) + self.target_std[2] * offset[..., 1]
         else:
             baseline = self.target_mean[:, 0] + self.target_std[0] * offset[..., 0]
             change = self.target_mean[:, 2] + self.target_std[2] * offset[..., 1]

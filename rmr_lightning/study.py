@@ -43,6 +43,7 @@ class Study:
         base_config: the natural config every run starts from (e.g. ``configs/natural/brain_mri.yaml``).
         output_dir: where runs, ``summary.csv``, ``summary.md`` and ``sample_efficiency.png`` go.
         task: name written in the ``task`` column.
+        measure: what ``test_mae`` measures, for the table and the plot.
         variants: variants of ``FrozenProcessorFinetuning`` to compare.
         train_sizes: training-set sizes (subjects).
         seeds: seeds; each picks the training subset, the initialisation and the data order.
@@ -56,6 +57,7 @@ class Study:
     base_config: str
     output_dir: str = "results/study"
     task: str = "brain_mri"
+    measure: str = "regional atrophy change (follow-up minus baseline)"
     variants: list[str] = field(default_factory=lambda: ["rmr", "baseline", "scratch", "unfrozen", "random_p"])
     train_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -148,7 +150,7 @@ def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
         gc.collect()
 
 
-def summarise(frame: pd.DataFrame) -> str:
+def summarise(frame: pd.DataFrame, measure: str = Study.measure) -> str:
     """Markdown: mean +- std of test MAE (change) per variant and size, and the RMR ratios.
 
     A cell with fewer seeds than the most complete one (a study cut off by a time limit) says so, and
@@ -191,13 +193,13 @@ def summarise(frame: pd.DataFrame) -> str:
     corr = frame.groupby("variant")["test_state_corr"].mean()
     readout = ", ".join(f"{v} {corr[v]:.3f}" for v in variants if v in corr and not math.isnan(corr[v]))
     return (
-        f"Test MAE of the predicted regional atrophy change (follow-up minus baseline), mean ± std over "
+        f"Test MAE of the predicted {measure}, mean ± std over "
         f"{full} seed(s); lower is better.\n\n" + "\n".join(lines) + "\n\nRatios of mean test MAE (paired seeds):\n\n" + "\n".join(notes)
         + f"\n\nCorrelation of the state decoded by the pretrained g from f'(x) with the hidden true state (mean over runs): {readout}\n"
     )
 
 
-def plot(frame: pd.DataFrame, path: Path) -> None:
+def plot(frame: pd.DataFrame, path: Path, measure: str = Study.measure) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,7 +227,7 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     ax.get_yaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
     ax.get_yaxis().set_minor_formatter(matplotlib.ticker.FuncFormatter(minor_label))
     ax.set_xlabel("training subjects")
-    ax.set_ylabel("test MAE of regional atrophy change (log)")
+    ax.set_ylabel(f"test MAE of {measure.split(' (')[0]} (log)")
     ax.set_title(f"Sample efficiency: {frame['task'].iloc[0]}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)  # outside: no curve hidden
@@ -292,8 +294,8 @@ def run_study(study: Study) -> pd.DataFrame:
                 for future in as_completed(futures):
                     record(future.result())
     frame = pd.read_csv(csv)
-    (out / "summary.md").write_text(summarise(frame))
-    plot(frame, out / "sample_efficiency.png")
+    (out / "summary.md").write_text(summarise(frame, study.measure))
+    plot(frame, out / "sample_efficiency.png", study.measure)
     console.print((out / "summary.md").read_text())
     return frame
 

@@ -14,7 +14,7 @@ import torchio as tio
 from datamodules.brain_phantom import BrainPhantomDataModule
 from rmr_lightning.cli import cli_main
 from rmr_lightning.connectome import load_dk84
-from tests.helpers import REPO, TINY_PRETRAIN, tiny_natural
+from tests.helpers import REPO, TINY_PRETRAIN, tiny_lesion, tiny_natural
 
 # Pretraining variants other than the default are stacked on it (`--config ndm.yaml --config fkpp.yaml`).
 PRETRAIN = [["configs/pretrain/ndm.yaml"]] + [
@@ -64,6 +64,25 @@ def test_pretrain_config_fast_dev_run_writes_the_artifact(configs: list[str], pa
     payload = torch.load(tmp_path / "processor.pt", weights_only=True)
     assert payload["config"]["class_path"] == "processors.mpnn.MPNNProcessor"
     assert payload["abstract_spec"]["param_names"] == param_names
+
+
+def test_lesion_pretrain_config_trains_a_deep_mlp_on_gompertz(tmp_path: Path) -> None:
+    cli = _fit(
+        ["--config", "configs/pretrain/ndm.yaml", "--config", "configs/pretrain/gompertz.yaml", "--data.init_args.num_train=256",
+         "--data.init_args.num_val=32", "--data.init_args.num_test=32", "--model.init_args.hidden_dim=16",
+         "--trainer.fast_dev_run=true", "--trainer.logger=false",
+         f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', 'init_args': {{'dirpath': '{tmp_path}'}}}}]"]
+    )  # fmt: skip
+    assert cli.trainer.global_step == 1
+    payload = torch.load(tmp_path / "processor.pt", weights_only=True)
+    assert payload["config"]["class_path"] == "processors.mlp.MLPProcessor"
+    assert payload["abstract_spec"]["param_names"] == ["r", "t"] and payload["abstract_spec"]["param_decay"] == [0.3, 0.0]
+
+
+def test_lesion_natural_config_fast_dev_run(tiny_lesion_artifact: Path, tmp_path: Path) -> None:
+    cli = _fit(["--config", "configs/natural/lesion_ct.yaml", *tiny_lesion(tiny_lesion_artifact), f"--data.init_args.cache_dir={tmp_path}",
+                "--trainer.fast_dev_run=true", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    assert cli.trainer.global_step == 1 and cli.model.num_regions == 1 and cli.model.subject_params == ["r"]
 
 
 @pytest.mark.parametrize("config", ["configs/natural/brain_mri.yaml", "configs/natural/brain_ct.yaml"])

@@ -134,3 +134,26 @@ def test_lesion_ddp_ranks_read_disjoint_subjects_from_their_queues(tiny_lesion_a
         assert len(a | b) == 6  # together they cover the training set
         orders.append(ranks[0]["subjects"])
     assert all(len(o) == 3 * 2 for o in orders)  # 3 subjects per rank, 2 patches each
+
+
+@pytest.mark.parametrize("from_mean", [True, False])
+def test_calibrated_change_starts_from_p_alone_or_from_the_mean(tiny_lesion_artifact: Path, tmp_path: Path, from_mean: bool):
+    """``change_from_mean=False``: at the start the predicted change is exactly P's change times the gain."""
+    from rmr_lightning.encoders import RegionCNN
+    from rmr_lightning.finetuning import FrozenProcessorFinetuning
+
+    dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
+    dm.setup("fit")
+    model = FrozenProcessorFinetuning(
+        str(tiny_lesion_artifact), connectome="isolated", subject_params=["r"], covariate_names=["horizon"],
+        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4), region_centring=False, state_unit=4.0, change_from_mean=from_mean,
+    ).eval()  # fmt: skip
+    model.target_mean.fill_(5.0)
+    b = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        out = model(b)
+        z, _, _ = model.encode(b)
+        now, after = model.decoder(z).reshape(2, 1), model.decoder(model.process(z, 2)).reshape(2, 1)
+    change = out["prediction"][..., 1] - out["prediction"][..., 0]
+    expected = 4.0 * (after - now) + (5.0 if from_mean else 0.0)
+    assert torch.allclose(change, expected, atol=1e-5)

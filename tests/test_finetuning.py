@@ -11,7 +11,7 @@ import torch
 
 from datamodules.brain_phantom import BrainPhantomDataModule
 from rmr_lightning.artifact import load_processor_artifact
-from rmr_lightning.encoders import RegionCNN, pool_regions, region_moments
+from rmr_lightning.encoders import RegionCNN, pool_regions, region_moments, soft_histogram
 from rmr_lightning.finetuning import POLICIES, FrozenProcessorFinetuning, RegionCentring
 
 
@@ -150,6 +150,19 @@ def test_region_moments_are_the_mean_and_mean_square_per_region(requires_grad: b
             assert counts[b, r - 1] == values.numel()
             assert torch.allclose(mean[b, r - 1, 0], values.mean() if values.numel() else torch.tensor(0.0), atol=1e-5)
             assert torch.allclose(square[b, r - 1, 0], (values**2).mean() if values.numel() else torch.tensor(0.0), atol=1e-4)
+
+
+def test_region_histogram_counts_the_share_of_voxels_in_each_band() -> None:
+    """Intensities at bin centres fall into one bin; between two centres they split linearly; outside, the end bin."""
+    image = torch.tensor([0.0, 0.0, 0.5, 1.0, 0.25, 1.7]).view(1, 1, 6, 1, 1)
+    labels = torch.tensor([1, 1, 1, 1, 2, 2]).view(1, 1, 6, 1, 1)
+    shares, _ = pool_regions(soft_histogram(image, 3, (0.0, 1.0)), labels, 2)  # bins at 0, 0.5, 1
+    assert torch.allclose(shares[0, 0], torch.tensor([0.5, 0.25, 0.25]))
+    assert torch.allclose(shares[0, 1], torch.tensor([0.25, 0.25, 0.5]))  # 0.25 halfway; 1.7 clamps to the last bin
+    cnn = RegionCNN(widths=(2, 2, 2), out_channels=3, histogram_bins=4)
+    assert cnn.fuse.in_features == (2 + 4) + 6
+    with pytest.raises(ValueError, match="histogram_bins"):
+        RegionCNN(histogram_bins=1)
 
 
 def test_region_centring_removes_each_regions_mean_but_keeps_their_relative_spread() -> None:

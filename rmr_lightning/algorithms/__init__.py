@@ -9,6 +9,7 @@ from rmr_lightning.algorithms.diffusion import (
 )
 from rmr_lightning.algorithms.fkpp import fisher_kpp
 from rmr_lightning.algorithms.gompertz import (
+    DAYS_PER_YEAR,
     NODULE_VDT_DAYS,
     SUSPICIOUS_VDT_DAYS,
     GompertzGrowth,
@@ -19,6 +20,7 @@ from rmr_lightning.algorithms.gompertz import (
 from rmr_lightning.algorithms.tasks import FisherKPP, NetworkDiffusion
 
 __all__ = [
+    "DAYS_PER_YEAR",
     "DiffusionSpectrum",
     "FisherKPP",
     "GompertzGrowth",

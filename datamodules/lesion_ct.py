@@ -18,6 +18,7 @@ subject sampler through the loader's sampler. Validation and test use the exactl
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import lightning as L
@@ -185,13 +186,47 @@ class _LesionSubjects(Dataset):
         return tio.Crop(tuple(crop))(subject)
 
 
-class _QueueEpochSampler(DistributedSampler):
-    """The sampler of the loader around a ``tio.Queue``: patches in the queue's order, and ``set_epoch``
-    passed on to the queue's subject sampler. Being a ``DistributedSampler`` (of one replica), Lightning
-    leaves it in place under DDP instead of splitting the queue's patches again."""
+class EpochQueue(tio.Queue):
+    """A ``tio.Queue`` whose epochs are functions of (seed, epoch, rank) alone, as a resumed run needs.
 
-    def __init__(self, queue: tio.Queue) -> None:
-        super().__init__(queue, num_replicas=1, rank=0, shuffle=False)
+    ``start_epoch`` sets the subject sampler's epoch and clears what TorchIO's queue carries over: it keeps
+    counting subjects across epochs, so from the second epoch on each fill read a single subject (batches
+    of one subject's patches), and a queue built for a resumed run filled differently from one that had
+    run since the start. TorchIO's samplers, flips and patch shuffling draw from the global RNGs, which a
+    checkpoint does not hold, so the first fill of an epoch reseeds them (the lesion model draws nothing
+    else from them). Touches ``tio.Queue``'s private state (torchio 1.2.1, pinned); the tests guard it.
+    """
+
+    def start_epoch(self, epoch: int, seed: int) -> None:
+        if self.subject_sampler is not None and hasattr(self.subject_sampler, "set_epoch"):
+            self.subject_sampler.set_epoch(epoch)
+        self.patches_list = []
+        self._incomplete_subject = None
+        self._num_patches_incomplete = 0
+        self._num_sampled_subjects = 0
+        self._subjects_iterable = None  # re-created at the first fill, in this epoch's order
+        rank = getattr(self.subject_sampler, "rank", 0)
+        self._epoch_seed = (seed * 1_000_003 + epoch) * 1_009 + rank
+
+    def _fill(self) -> None:
+        # at the first fill, not in start_epoch: Lightning creates the loader's iterator (which draws a
+        # seed from the global RNG) before set_epoch in a resumed epoch and after it in a continuing one
+        seed = getattr(self, "_epoch_seed", None)
+        if seed is not None:
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            self._epoch_seed = None
+        super()._fill()
+
+
+class _QueueEpochSampler(DistributedSampler):
+    """The sampler of the loader around an ``EpochQueue``: patches in the queue's order, and Lightning's
+    ``set_epoch`` passed on to the queue. Being a ``DistributedSampler`` (of one replica), Lightning leaves
+    it in place under DDP instead of splitting the queue's patches again."""
+
+    def __init__(self, queue: EpochQueue, seed: int) -> None:
+        super().__init__(queue, num_replicas=1, rank=0, shuffle=False, seed=seed)
         self.queue = queue
 
     def __iter__(self):
@@ -202,7 +237,7 @@ class _QueueEpochSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
-        self.queue.subject_sampler.set_epoch(epoch)
+        self.queue.start_epoch(epoch, self.seed)
 
 
 class LesionCTDataModule(L.LightningDataModule):
@@ -319,7 +354,7 @@ class LesionCTDataModule(L.LightningDataModule):
         transforms = [self.intensity()] + ([tio.RandomFlip(axes=(0, 1, 2))] if hp.augment else [])
         subjects = _LesionSubjects(self.cohort, self.splits["train"], tio.Compose(transforms))
         dataset = tio.SubjectsDataset([subjects.subject(i) for i in range(len(subjects))], transform=subjects.transform)
-        queue = tio.Queue(
+        queue = EpochQueue(
             dataset,
             max_length=max(hp.batch_size, 4 * hp.samples_per_volume),
             samples_per_volume=hp.samples_per_volume,
@@ -328,10 +363,11 @@ class LesionCTDataModule(L.LightningDataModule):
             num_workers=hp.num_workers,
             shuffle_subjects=False,  # the subject sampler shuffles, per epoch and rank
             shuffle_patches=True,
+            start_background=False,  # read subjects only once iterated, in the order of the epoch set by then
             verbose=False,
         )
         # the queue loads in its own workers: the loader around it must not start any
-        return DataLoader(queue, batch_size=hp.batch_size, sampler=_QueueEpochSampler(queue), collate_fn=collate_subjects, num_workers=0)
+        return DataLoader(queue, batch_size=hp.batch_size, sampler=_QueueEpochSampler(queue, hp.subset_seed), collate_fn=collate_subjects, num_workers=0)
 
     def _fixed_loader(self, name: str) -> DataLoader:
         hp = self.hparams

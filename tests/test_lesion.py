@@ -157,3 +157,39 @@ def test_calibrated_change_starts_from_p_alone_or_from_the_mean(tiny_lesion_arti
     change = out["prediction"][..., 1] - out["prediction"][..., 0]
     expected = 4.0 * (after - now) + (5.0 if from_mean else 0.0)
     assert torch.allclose(change, expected, atol=1e-5)
+
+
+def _lesion_fit(artifact: Path, cache: Path, root: Path, epochs: int, ckpt_path: str | None = None, stop_after: int | None = None):
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    class Interrupt(Callback):  # the run dies after an epoch, its schedule still planned for all of them
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = stop_after is not None and trainer.current_epoch + 1 >= stop_after
+
+    from rmr_lightning.encoders import RegionCNN
+    from rmr_lightning.finetuning import FrozenProcessorFinetuning
+
+    L.seed_everything(0)
+    dm = LesionCTDataModule(**SMALL, cache_dir=str(cache))
+    model = FrozenProcessorFinetuning(
+        str(artifact), connectome="isolated", subject_params=["r"], covariate_names=["horizon"],
+        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4), region_centring=False,
+    )  # fmt: skip
+    checkpoint = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, save_last=True)
+    trainer = L.Trainer(max_epochs=epochs, logger=False, callbacks=[checkpoint, Interrupt()], enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return model
+
+
+def test_queue_epochs_reproduce_after_a_resume(tiny_lesion_artifact: Path, tmp_path: Path):
+    """A fit resumed from the checkpoint of epoch 1 ends with the weights of an uninterrupted 3-epoch fit:
+    each epoch's patches (subjects, centres, flips, order) depend on (seed, epoch) only."""
+    reference = _lesion_fit(tiny_lesion_artifact, tmp_path / "cache", tmp_path / "ref", epochs=3)
+    _lesion_fit(tiny_lesion_artifact, tmp_path / "cache", tmp_path / "cut", epochs=3, stop_after=1)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cut").glob("epoch=*")) == ["epoch=0"], list((tmp_path / "cut").iterdir())
+    resumed = _lesion_fit(tiny_lesion_artifact, tmp_path / "cache", tmp_path / "cut", epochs=3, ckpt_path=str(tmp_path / "cut" / "last.ckpt"))
+    ref, res = reference.state_dict(), resumed.state_dict()
+    assert all(torch.allclose(ref[k].float(), res[k].float(), atol=1e-6) for k in ref)
+    other = _lesion_fit(tiny_lesion_artifact, tmp_path / "cache", tmp_path / "two", epochs=3, stop_after=2)
+    assert not torch.allclose(other.encoder.fuse.weight, reference.encoder.fuse.weight)  # the third epoch did train

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.sampling import epoch_sampler
+from datamodules.sampling import check_train_size, cohort_splits, epoch_sampler
 from datamodules.scans import collate_subjects, preprocessing, settings_key, transform_key
 from rmr_lightning.algorithms import GraphAlgorithm, NetworkDiffusion
 from rmr_lightning.anatomy import Anatomy, load_anatomy
@@ -308,8 +308,7 @@ class BrainPhantomDataModule(L.LightningDataModule):
         super().__init__()
         if modality not in ("mri", "ct"):
             raise ValueError(f"modality must be 'mri' or 'ct', got {modality!r}")
-        if train_size is not None and not 1 <= train_size <= train_pool:
-            raise ValueError(f"train_size must lie in 1..train_pool ({train_pool}), got {train_size}")
+        check_train_size(train_size, train_pool)
         self.save_hyperparameters(ignore=["algorithm"])
         self.algorithm = algorithm if algorithm is not None else NetworkDiffusion()
         self.cohort_params = dict(cohort_params or {"gamma": 0.15})
@@ -382,12 +381,8 @@ class BrainPhantomDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         self.cohort, prepared = self._load_or_generate()
-        pool = list(range(hp.train_pool))
-        if hp.train_size is not None:
-            pool = sorted(np.random.default_rng(hp.subset_seed).permutation(hp.train_pool)[: hp.train_size].tolist())
-        val = list(range(hp.train_pool, hp.train_pool + hp.num_val))
-        test = list(range(hp.train_pool + hp.num_val, hp.train_pool + hp.num_val + hp.num_test))
-        for name, idx in (("train", pool), ("val", val), ("test", test)):
+        splits = cohort_splits(hp.train_pool, hp.train_size, hp.subset_seed, hp.num_val, hp.num_test)
+        for name, idx in splits.items():
             self.datasets[name] = _CohortDataset(self.cohort, prepared, idx, prefix=f"phantom-{hp.modality}")
 
     def train_table(self) -> tuple[Tensor, Tensor]:

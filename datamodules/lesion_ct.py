@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.brain_phantom import default_cache_dir
 from datamodules.lesion_abstract import REFERENCE_VOLUME_ML
-from datamodules.sampling import epoch_sampler
+from datamodules.sampling import check_train_size, cohort_splits, epoch_sampler
 from datamodules.scans import collate_subjects, settings_key
 from rmr_lightning.algorithms import NODULE_VDT_DAYS, gompertz_volume, growth_rate
 from rmr_lightning.files import atomic_torch_save
@@ -280,8 +280,7 @@ class LesionCTDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if train_size is not None and not 1 <= train_size <= train_pool:
-            raise ValueError(f"train_size must lie in 1..train_pool ({train_pool}), got {train_size}")
+        check_train_size(train_size, train_pool)
         if patch_size > size:
             raise ValueError(f"patch_size ({patch_size}) cannot exceed the volume size ({size})")
         if (roi_mm + 2.0) / spacing > patch_size / 2:
@@ -333,11 +332,7 @@ class LesionCTDataModule(L.LightningDataModule):
             self.prepare_data()
         self.cohort = torch.load(path, weights_only=True)
         hp = self.hparams
-        pool = list(range(hp.train_pool))
-        if hp.train_size is not None:
-            pool = sorted(np.random.default_rng(hp.subset_seed).permutation(hp.train_pool)[: hp.train_size].tolist())
-        first_test = hp.train_pool + hp.num_val
-        self.splits = {"train": pool, "val": list(range(hp.train_pool, first_test)), "test": list(range(first_test, first_test + hp.num_test))}
+        self.splits = cohort_splits(hp.train_pool, hp.train_size, hp.subset_seed, hp.num_val, hp.num_test)
 
     def intensity(self) -> tio.Transform:
         """CT windowing shared by every split: the lung window rescaled to [0, 1]."""

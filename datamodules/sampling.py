@@ -8,6 +8,7 @@ Lightning leaves a sampler of that type in place.
 
 from __future__ import annotations
 
+import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
@@ -23,3 +24,19 @@ def epoch_sampler(dataset: Dataset, seed: int, shuffle: bool = True, drop_last: 
         seed=seed,
         drop_last=drop_last,
     )
+
+
+def check_train_size(train_size: int | None, train_pool: int) -> None:
+    """A training subset must lie within the pool (None: the whole pool)."""
+    if train_size is not None and not 1 <= train_size <= train_pool:
+        raise ValueError(f"train_size must lie in 1..train_pool ({train_pool}), got {train_size}")
+
+
+def cohort_splits(train_pool: int, train_size: int | None, subset_seed: int, num_val: int, num_test: int) -> dict[str, list[int]]:
+    """Subject indices of a cohort stored as [training pool, validation, test]: ``train_size`` of the pool
+    drawn with ``subset_seed`` (the study's seed), and the fixed validation and test subjects after it."""
+    train = list(range(train_pool))
+    if train_size is not None:
+        train = sorted(np.random.default_rng(subset_seed).permutation(train_pool)[:train_size].tolist())
+    first_test = train_pool + num_val
+    return {"train": train, "val": list(range(train_pool, first_test)), "test": list(range(first_test, first_test + num_test))}

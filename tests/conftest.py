@@ -21,45 +21,37 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
         os.environ["RMR_CACHE"] = str(tmp_path_factory.mktemp("rmr_cache"))
 
 
-@pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small MPNN (hidden 16) pretrained for a few steps on network diffusion, saved as processor.pt."""
-    from datamodules.abstract import AbstractGraphDataModule
+def _tiny_artifact(datamodule, processor: str, path: Path) -> Path:
+    """Pretrain a width-16 ``processor`` for one epoch of ``datamodule`` and save it as a processor artifact."""
     from rmr_lightning.artifact import save_processor_artifact
     from rmr_lightning.pretraining import ProcessorPretraining
 
     torch.manual_seed(0)
-    dm = AbstractGraphDataModule(num_train=256, num_val=32, num_test=32, num_graphs=16, batch_size=32)
-    dm.setup("fit")
-    model = ProcessorPretraining(processor="mpnn", hidden_dim=16, abstract_spec=dm.abstract_spec)
+    datamodule.setup("fit")
+    model = ProcessorPretraining(processor=processor, hidden_dim=16, abstract_spec=datamodule.abstract_spec)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for batch in dm.train_dataloader():
+    for batch in datamodule.train_dataloader():
         loss, _, _ = model.model_step(batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    path = tmp_path_factory.mktemp("artifact") / "processor.pt"
     save_processor_artifact(path, model.processor, model.encoder, model.decoder, model.abstract_spec)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small MPNN (hidden 16) pretrained for a few steps on network diffusion, saved as processor.pt."""
+    from datamodules.abstract import AbstractGraphDataModule
+
+    dm = AbstractGraphDataModule(num_train=256, num_val=32, num_test=32, num_graphs=16, batch_size=32)
+    return _tiny_artifact(dm, "mpnn", tmp_path_factory.mktemp("artifact") / "processor.pt")
 
 
 @pytest.fixture(scope="session")
 def tiny_lesion_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small deep MLP (hidden 16) pretrained for a few steps on Gompertz growth of single lesions."""
     from datamodules.lesion_abstract import AbstractLesionDataModule
-    from rmr_lightning.artifact import save_processor_artifact
-    from rmr_lightning.pretraining import ProcessorPretraining
 
-    torch.manual_seed(0)
     dm = AbstractLesionDataModule(num_train=512, num_val=32, num_test=32, batch_size=64)
-    dm.setup("fit")
-    model = ProcessorPretraining(processor="mlp", hidden_dim=16, abstract_spec=dm.abstract_spec)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for batch in dm.train_dataloader():
-        loss, _, _ = model.model_step(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    path = tmp_path_factory.mktemp("lesion_artifact") / "processor.pt"
-    save_processor_artifact(path, model.processor, model.encoder, model.decoder, model.abstract_spec)
-    return path
+    return _tiny_artifact(dm, "mlp", tmp_path_factory.mktemp("lesion_artifact") / "processor.pt")

@@ -257,7 +257,11 @@ class FrozenProcessorFinetuning(L.LightningModule):
             raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(POLICIES)}")
         if readout not in ("calibrated", "linear", "residual"):
             raise ValueError(f"readout must be 'calibrated', 'linear' or 'residual', got {readout!r}")
-        self.save_hyperparameters(ignore=["encoder", "optimizer", "lr_scheduler"])
+        # Under LightningCLI the encoder is saved as its class_path/init_args, so load_from_checkpoint rebuilds
+        # a non-default f'; a module passed from Python has no such config and is left out.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if isinstance(self.hparams.get("encoder"), nn.Module):
+            self.hparams.pop("encoder")
         covariate_names = list(covariate_names or ["age", "horizon"])
         if time_covariate not in covariate_names:
             raise ValueError(f"time_covariate {time_covariate!r} is not among the covariates {covariate_names}")

@@ -27,8 +27,8 @@ def flags(volumes: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(checkpoint: str) -> dict[str, float]:
-    """Rebuild the run from the resolved config saved beside its checkpoints (the encoder is part of the
-    config, not of the checkpoint's hyperparameters), load the weights, predict the test set."""
+    """Rebuild the run, model and datamodule, from the resolved config saved beside its checkpoints, load
+    the weights, predict the test set."""
     config = Path(checkpoint).parents[1] / "config.yaml"
     cli = cli_main(["--config", str(config), "--trainer.logger=false"], run=False)
     model, dm = cli.model, cli.datamodule

@@ -14,6 +14,7 @@ import torchio as tio
 from datamodules.brain_phantom import BrainPhantomDataModule
 from rmr_lightning.cli import cli_main
 from rmr_lightning.connectome import load_dk84
+from rmr_lightning.finetuning import FrozenProcessorFinetuning
 from tests.helpers import REPO, TINY_PRETRAIN, tiny_lesion, tiny_natural
 
 # Pretraining variants other than the default are stacked on it (`--config ndm.yaml --config fkpp.yaml`).
@@ -83,6 +84,12 @@ def test_lesion_natural_config_fast_dev_run(tiny_lesion_artifact: Path, tmp_path
     cli = _fit(["--config", "configs/natural/lesion_ct.yaml", *tiny_lesion(tiny_lesion_artifact), f"--data.init_args.cache_dir={tmp_path}",
                 "--trainer.fast_dev_run=true", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
     assert cli.trainer.global_step == 1 and cli.model.num_regions == 1 and cli.model.subject_params == ["r"]
+    # the checkpoint alone rebuilds the non-default encoder (tiny widths, histogram features) of the config
+    cli.trainer.save_checkpoint(tmp_path / "model.ckpt")
+    loaded = FrozenProcessorFinetuning.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert loaded.encoder.out_channels == 4 and loaded.encoder.histogram_bins == cli.model.encoder.histogram_bins > 0
+    for key, value in cli.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("config", ["configs/natural/brain_mri.yaml", "configs/natural/brain_ct.yaml"])

@@ -281,6 +281,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         self.param_names: list[str] = list(spec["param_names"])
         self.max_time: float | None = spec.get("max_time")
         self.time_index = self.param_names.index(spec["time_param"])
+        self.covariate_names = covariate_names
         self.time_covariate_index = covariate_names.index(time_covariate)
         self.register_buffer("param_scale", torch.tensor(spec["param_scale"], dtype=torch.float32), persistent=False)
 
@@ -528,10 +529,12 @@ class FrozenProcessorFinetuning(L.LightningModule):
         self._shared("test", b)
 
     def predict_step(self, b: ScanBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        """Per subject: predicted follow-up and baseline per region, and the decoded current state."""
+        """Per subject: predicted follow-up and baseline per region, the decoded current state, and the
+        covariates (the horizon the follow-up refers to)."""
         out = self(b)
         return {
             "subject_ids": b.subject_ids,
+            "covariates": b.covariates.cpu(),
             "followup": out["prediction"][..., 1].cpu(),
             "baseline": out["prediction"][..., 0].cpu(),
             "state": out["readout"].cpu(),

@@ -1,27 +1,33 @@
 """``rmr predict`` output: one CSV row per subject and a figure per subject.
 
-Each row holds the predicted follow-up and baseline value of every region and, because ``P`` keeps the
-semantics of the abstract space, the current regional state decoded from ``f'(x)`` by the pretraining
-decoder ``g``: an interpretable readout a model without a pretrained ``P`` lacks. Subject ids are the
-manifest's pseudonyms; no DICOM tag is read or written here.
+Each row holds the subject's covariates (the horizon the follow-up refers to), the predicted follow-up
+and baseline value of every region and, because ``P`` keeps the semantics of the abstract space, the
+current regional state decoded from ``f'(x)`` by the pretraining decoder ``g``: an interpretable readout
+a model without a pretrained ``P`` lacks. Subject ids are the manifest's pseudonyms; no DICOM tag is
+read or written here.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pandas as pd
+import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from rmr_lightning.algorithms import DAYS_PER_YEAR, SUSPICIOUS_VDT_DAYS, doubling_time_days, suspicious_growth
 
-def _rows(outputs: list[dict[str, Any]], regions: list[str]) -> list[dict[str, Any]]:
+
+def _rows(outputs: list[dict[str, Any]], regions: list[str], covariate_names: list[str]) -> list[dict[str, Any]]:
     rows = []
     for out in outputs:
         for i, subject in enumerate(out["subject_ids"]):
             row: dict[str, Any] = {"subject_id": subject}
+            row.update({name: float(v) for name, v in zip(covariate_names, out["covariates"][i].tolist())})
             for kind in ("followup", "baseline", "state"):
                 row.update({f"{name}_{kind}": float(v) for name, v in zip(regions, out[kind][i].tolist())})
             rows.append(row)
@@ -66,7 +72,7 @@ class RegionalPredictionWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any) -> None:
         outputs = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
-        rows = _rows(outputs, pl_module.region_names)
+        rows = _rows(outputs, pl_module.region_names, pl_module.covariate_names)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             gathered: list[Any] = [None] * trainer.world_size
             dist.all_gather_object(gathered, rows)
@@ -74,6 +80,7 @@ class RegionalPredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         frame = pd.DataFrame(rows).drop_duplicates("subject_id").sort_values("subject_id")  # DDP pads by repeating
+        frame = self.add_columns(frame, pl_module)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         frame.to_csv(self.output_dir / "predictions.csv", index=False)
         figures = self.output_dir / "figures"
@@ -81,7 +88,74 @@ class RegionalPredictionWriter(BasePredictionWriter):
             if k >= self.max_figures:
                 break
             figures.mkdir(exist_ok=True)
-            plot_subject(row, pl_module.region_names, figures / f"subject_{k:04d}.png")
+            self.plot(row, pl_module, figures / f"subject_{k:04d}.png")
         (self.output_dir / "figures_index.csv").write_text(
             "figure,subject_id\n" + "".join(f"subject_{k:04d}.png,{s}\n" for k, s in enumerate(frame["subject_id"][: self.max_figures]))
         )
+
+    def add_columns(self, frame: pd.DataFrame, pl_module: L.LightningModule) -> pd.DataFrame:
+        """Columns derived from the predictions (none here; see ``GrowthPredictionWriter``)."""
+        return frame
+
+    def plot(self, row: pd.Series, pl_module: L.LightningModule, path: Path) -> None:
+        plot_subject(row, pl_module.region_names, path)
+
+
+class GrowthPredictionWriter(RegionalPredictionWriter):
+    """For growth tasks (lesions): also each region's predicted volume doubling time and whether it is
+    suspicious, ``t ln 2 / ln(V1 / V0) < threshold`` (Schwartz 1961; 400 d for lung nodules), and a figure
+    of the predicted growth against the threshold's doubling curve on a log-volume axis.
+
+    Args:
+        output_dir, max_figures: as ``RegionalPredictionWriter``.
+        threshold_days: doubling time below which growth is flagged.
+        unit: the volumes' unit, for the figure (mL for ``configs/natural/lesion_ct.yaml``).
+    """
+
+    def __init__(
+        self, output_dir: str = "results/predictions", max_figures: int = 20, threshold_days: float = SUSPICIOUS_VDT_DAYS, unit: str = "mL"
+    ) -> None:
+        super().__init__(output_dir, max_figures)
+        self.threshold_days, self.unit = float(threshold_days), unit
+
+    def add_columns(self, frame: pd.DataFrame, pl_module: L.LightningModule) -> pd.DataFrame:
+        time = pl_module.covariate_names[pl_module.time_covariate_index]
+        horizon = torch.tensor(frame[time].to_numpy(), dtype=torch.float64)
+        extra = {}
+        for r in pl_module.region_names:
+            v0 = torch.tensor(frame[f"{r}_baseline"].to_numpy(), dtype=torch.float64)
+            v1 = torch.tensor(frame[f"{r}_followup"].to_numpy(), dtype=torch.float64)
+            extra[f"{r}_vdt_days"] = doubling_time_days(v0, v1, horizon).numpy()
+            extra[f"{r}_suspicious"] = suspicious_growth(v0, v1, horizon, self.threshold_days).numpy()
+        return frame.assign(**extra)
+
+    def plot(self, row: pd.Series, pl_module: L.LightningModule, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        time = pl_module.covariate_names[pl_module.time_covariate_index]
+        horizon = float(row[time])
+        regions = pl_module.region_names
+        fig, axes = plt.subplots(1, len(regions), figsize=(4.5 * len(regions), 4), squeeze=False)
+        for ax, r in zip(axes[0], regions):
+            v0, v1, vdt = row[f"{r}_baseline"], row[f"{r}_followup"], row[f"{r}_vdt_days"]
+            days = horizon * DAYS_PER_YEAR
+            t = [k * horizon / 50 for k in range(51)]
+            if v0 > 0:
+                threshold = [v0 * 2.0 ** (k * DAYS_PER_YEAR / self.threshold_days) for k in t]
+                ax.plot(t, threshold, "--", color="tab:red", label=f"doubling every {self.threshold_days:.0f} d")
+                ax.fill_between(t, threshold, [max(threshold[-1], v1) * 1.5] * len(t), color="tab:red", alpha=0.08, label="suspicious")
+            ax.plot([0.0, horizon], [v0, v1], "o-", color="tab:blue", label="predicted")
+            if v0 > 0 and v1 > 0:
+                ax.set_yscale("log")
+            ax.set_xlabel(f"years from baseline ({days:.0f} d to follow-up)")
+            ax.set_ylabel(f"{r} volume ({self.unit})")
+            flag = "suspicious" if row[f"{r}_suspicious"] else "not suspicious"
+            ax.set_title(f"VDT {vdt:.0f} d: {flag}" if math.isfinite(vdt) else "no growth predicted: not suspicious", fontsize=10)
+            ax.legend(loc="upper left", fontsize=8)
+        fig.suptitle(f"subject {row['subject_id']}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)

@@ -16,14 +16,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from rmr_lightning.algorithms import DAYS_PER_YEAR, SUSPICIOUS_VDT_DAYS, doubling_time
+from rmr_lightning.algorithms import SUSPICIOUS_VDT_DAYS, suspicious_growth
 from rmr_lightning.cli import cli_main
 
 
 def flags(volumes: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
     """volumes (n, 2) baseline and follow-up, horizon (n,) years -> VDT < 400 days, (n,) bool."""
-    v0, v1 = volumes[:, 0].clamp_min(1e-6), volumes[:, 1].clamp_min(1e-6)
-    return doubling_time(v0, v1, horizon) * DAYS_PER_YEAR < SUSPICIOUS_VDT_DAYS
+    return suspicious_growth(volumes[:, 0], volumes[:, 1], horizon)
 
 
 def evaluate(checkpoint: str) -> dict[str, float]:

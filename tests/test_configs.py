@@ -6,6 +6,7 @@ import csv
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -90,6 +91,22 @@ def test_lesion_natural_config_fast_dev_run(tiny_lesion_artifact: Path, tmp_path
     assert loaded.encoder.out_channels == 4 and loaded.encoder.histogram_bins == cli.model.encoder.histogram_bins > 0
     for key, value in cli.model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_lesion_predict_writes_volumes_doubling_times_and_flags(tiny_lesion_artifact: Path, tmp_path: Path) -> None:
+    writer = {"class_path": "rmr_lightning.prediction.GrowthPredictionWriter", "init_args": {"output_dir": str(tmp_path / "pred"), "max_figures": 1}}
+    cli = cli_main(["--config", "configs/natural/lesion_ct.yaml", *tiny_lesion(tiny_lesion_artifact), f"--data.init_args.cache_dir={tmp_path}",
+                    "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks=[{writer}]"], run=False)  # fmt: skip
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    frame = pd.read_csv(tmp_path / "pred" / "predictions.csv")
+    assert len(frame) == 2 and {"horizon", "lesion_baseline", "lesion_followup", "lesion_vdt_days", "lesion_suspicious"} <= set(frame.columns)
+    v0, v1, t = frame["lesion_baseline"], frame["lesion_followup"], frame["horizon"]
+    grows = (v0 > 0) & (v1 > v0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = t * 365.25 * np.log(2.0) / np.log(v1 / v0)
+    assert np.allclose(frame["lesion_vdt_days"][grows], expected[grows])
+    assert (frame["lesion_suspicious"] == (grows & (expected < 400.0))).all()
+    assert [p.name for p in (tmp_path / "pred" / "figures").glob("*.png")] == ["subject_0000.png"]
 
 
 @pytest.mark.parametrize("config", ["configs/natural/brain_mri.yaml", "configs/natural/brain_ct.yaml"])

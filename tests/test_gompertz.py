@@ -8,7 +8,15 @@ import numpy as np
 import scipy.integrate
 import torch
 
-from rmr_lightning.algorithms import GompertzGrowth, NODULE_VDT_DAYS, doubling_time, gompertz_volume, growth_rate
+from rmr_lightning.algorithms import (
+    NODULE_VDT_DAYS,
+    GompertzGrowth,
+    doubling_time,
+    doubling_time_days,
+    gompertz_volume,
+    growth_rate,
+    suspicious_growth,
+)
 
 
 def test_solves_the_gompertz_ode():
@@ -36,6 +44,17 @@ def test_doubling_time_of_exponential_growth_is_ln2_over_r():
     assert math.isinf(float(doubling_time(v0, v0 * 0.9, 1.0)))
     # deceleration lengthens the measured doubling time
     assert float(doubling_time(v0, gompertz_volume(v0, r, 0.3, 1.3), 1.3)) * 365.25 > NODULE_VDT_DAYS["solid"]
+
+
+def test_suspicious_growth_flags_doubling_faster_than_400_days_only():
+    v0, t = torch.ones(5, dtype=torch.float64), torch.full((5,), 2.0, dtype=torch.float64)
+    days = torch.tensor([300.0, 399.0, 401.0, 800.0, 250.0], dtype=torch.float64)
+    v1 = v0 * 2.0 ** (t * 365.25 / days)  # exact doublings every `days`
+    v1[4] = -0.1  # a follow-up predicted below zero has no doubling time
+    assert torch.allclose(doubling_time_days(v0, v1, t)[:4], days[:4])
+    assert math.isnan(float(doubling_time_days(v0, v1, t)[4]))
+    assert suspicious_growth(v0, v1, t).tolist() == [True, True, False, False, False]
+    assert suspicious_growth(v0, v1, t, threshold_days=900.0).tolist() == [True, True, True, True, False]
 
 
 def test_algorithm_is_node_wise_and_batched():

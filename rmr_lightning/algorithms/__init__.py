@@ -14,8 +14,10 @@ from rmr_lightning.algorithms.gompertz import (
     SUSPICIOUS_VDT_DAYS,
     GompertzGrowth,
     doubling_time,
+    doubling_time_days,
     gompertz_volume,
     growth_rate,
+    suspicious_growth,
 )
 from rmr_lightning.algorithms.tasks import FisherKPP, NetworkDiffusion
 

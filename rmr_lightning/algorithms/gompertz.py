@@ -51,6 +51,19 @@ def doubling_time(v0: Tensor, v1: Tensor, t: Tensor | float) -> Tensor:
     return torch.where(ratio > 0, torch.as_tensor(t, dtype=ratio.dtype) * math.log(2.0) / ratio.clamp_min(1e-12), torch.full_like(ratio, math.inf))
 
 
+def doubling_time_days(v0: Tensor, v1: Tensor, t_years: Tensor | float) -> Tensor:
+    """``doubling_time`` in days for volumes that may be predicted at or below zero: those get NaN."""
+    valid = (v0 > 0) & (v1 > 0)
+    days = doubling_time(v0.clamp_min(1e-12), v1.clamp_min(1e-12), t_years) * DAYS_PER_YEAR
+    return torch.where(valid, days, torch.full_like(days, math.nan))
+
+
+def suspicious_growth(v0: Tensor, v1: Tensor, t_years: Tensor | float, threshold_days: float = SUSPICIOUS_VDT_DAYS) -> Tensor:
+    """Whether a nodule doubles faster than ``threshold_days`` (400 d: the usual cut for malignancy of
+    solid lung nodules); False where no doubling time exists."""
+    return doubling_time_days(v0, v1, t_years) < threshold_days
+
+
 class GompertzGrowth(GraphAlgorithm):
     """Gompertz growth of each node's volume (no edges: one node per lesion); parameters (r, t).
 

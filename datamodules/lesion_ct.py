@@ -303,6 +303,8 @@ class LesionCTDataModule(L.LightningDataModule):
         hp = self.hparams
         parts = []
         for offset, count in enumerate((hp.train_pool, hp.num_val, hp.num_test)):
+            if count == 0:  # e.g. no test split (scripts/export_lesion_phantoms.py)
+                continue
             rng = np.random.default_rng(hp.seed * 1000 + offset)
             part = simulate_lesions(count, rng, hp.type_probs, hp.diameter_mm, hp.horizon, hp.rho)
             volumes = [render_lesion(int(k), float(d), hp.size, hp.spacing, hp.roi_mm, rng) for k, d in zip(part["kind"], part["diameter"])]

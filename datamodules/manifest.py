@@ -37,7 +37,7 @@ import torchio as tio
 from pydicom.misc import is_dicom
 from torch import Tensor
 
-from datamodules.sampling import epoch_sampler
+from datamodules.sampling import epoch_sampler, training_subset
 from datamodules.scans import CT_WINDOW, MODALITIES, collate_subjects, preprocessing
 
 FILE_COLUMNS = ("image", "label_map")
@@ -425,6 +425,14 @@ def split_subjects(
     }
 
 
+def _subset(train: list[ManifestRow], train_size: int | None, subset_seed: int) -> list[ManifestRow]:
+    """``train_size`` of the training rows (ordered by subject_id, so the draw ignores row order)."""
+    if train_size is not None and not 1 <= train_size <= len(train):
+        raise ValueError(f"train_size {train_size} is not within the {len(train)} subjects of the training split (1..{len(train)})")
+    ordered = sorted(train, key=lambda r: r.subject_id)
+    return [ordered[i] for i in training_subset(len(ordered), train_size, subset_seed)]
+
+
 # ------------------------------------------------------------------------------------- datamodule
 
 
@@ -436,7 +444,7 @@ class ManifestDataModule(L.LightningDataModule):
         predict_manifest: CSV of subjects to predict; default ``manifest`` (all its rows).
         spacing: isotropic voxel size (mm) after resampling.
         shape: voxels per axis after crop/pad, in TorchIO's (x, y, z) = RAS order.
-        modality: "mri" (z-score inside the label map) or "ct" (Hounsfield window to [0, 1]).
+        modality: "mri" (z-score over the head foreground) or "ct" (Hounsfield window to [0, 1]).
         ct_window: (low, high) Hounsfield units mapped to [0, 1] for CT.
         target_columns: follow-up value per region, in region order (label r = column r-1);
             default the 84 DK84 region names. R = len(target_columns).
@@ -445,6 +453,9 @@ class ManifestDataModule(L.LightningDataModule):
         val_fraction: share of labelled subjects for validation (rounded; 0 -> no validation).
         test_fraction: share of labelled subjects for testing.
         seed: seed of the split.
+        train_size: train on this many of the training split's subjects, drawn with ``subset_seed``
+            (None: all); ``rmr-study`` sets both, so the sample-efficiency study runs on your scans too,
+            with the validation and test subjects fixed by ``seed``.
         batch_size: subjects per batch.
         num_workers: DataLoader worker processes (reading and resampling run there).
     """
@@ -463,6 +474,8 @@ class ManifestDataModule(L.LightningDataModule):
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         seed: int = 0,
+        train_size: int | None = None,
+        subset_seed: int = 0,
         batch_size: int = 4,
         num_workers: int = 0,
     ) -> None:
@@ -508,6 +521,7 @@ class ManifestDataModule(L.LightningDataModule):
             rows = self._read(hp.manifest, require_labels=True)
             try:
                 split = split_subjects(rows, hp.val_fraction, hp.test_fraction, hp.seed)
+                split["train"] = _subset(split["train"], hp.train_size, hp.subset_seed)
             except ValueError as e:
                 raise ManifestError(hp.manifest, [str(e)]) from None
             self._store(split)

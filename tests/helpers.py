@@ -16,7 +16,7 @@ TINY_PRETRAIN = [
 ]  # fmt: skip
 
 
-def _tiny_model(artifact: Path) -> list[str]:
+def tiny_model(artifact: Path) -> list[str]:
     """Overrides of a natural config's model: the given artifact and a tiny encoder."""
     return [
         f"--model.init_args.processor_artifact={artifact}",
@@ -27,7 +27,7 @@ def _tiny_model(artifact: Path) -> list[str]:
 def tiny_natural(artifact: Path) -> list[str]:
     """Overrides that make a natural config run on an 8 mm cohort of a few subjects."""
     return [
-        *_tiny_model(artifact), "--data.init_args.spacing=8", "--data.init_args.train_pool=4", "--data.init_args.train_size=4",
+        *tiny_model(artifact), "--data.init_args.spacing=8", "--data.init_args.train_pool=4", "--data.init_args.train_size=4",
         "--data.init_args.num_val=2", "--data.init_args.num_test=2", "--data.init_args.batch_size=2",
     ]  # fmt: skip
 
@@ -35,7 +35,7 @@ def tiny_natural(artifact: Path) -> list[str]:
 def tiny_lesion(artifact: Path) -> list[str]:
     """Overrides that make the lesion config run on a few small subjects."""
     return [
-        *_tiny_model(artifact), "--data.init_args.train_pool=6", "--data.init_args.train_size=6", "--data.init_args.num_val=2",
+        *tiny_model(artifact), "--data.init_args.train_pool=6", "--data.init_args.train_size=6", "--data.init_args.num_val=2",
         "--data.init_args.num_test=2", "--data.init_args.batch_size=2", "--data.init_args.size=24",
         "--data.init_args.patch_size=16", "--data.init_args.roi_mm=5", "--data.init_args.diameter_mm=[4,8]",
     ]  # fmt: skip

@@ -24,10 +24,11 @@ PRETRAIN = [["configs/pretrain/ndm.yaml"]] + [
     for p in sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
     if p.name != "ndm.yaml"
 ]
-# Natural configs without a model class (e.g. fkpp.yaml) are stacked on the MRI task config.
+# Natural configs without a model class are stacked on their task's config: fkpp.yaml on the MRI task,
+# lesion_manifest.yaml on the lesion task.
 NATURAL = [
     [str(p.relative_to(REPO))] if "class_path: rmr_lightning.finetuning" in p.read_text()
-    else ["configs/natural/brain_mri.yaml", str(p.relative_to(REPO))]
+    else [f"configs/natural/{'lesion_ct' if p.name.startswith('lesion') else 'brain_mri'}.yaml", str(p.relative_to(REPO))]
     for p in sorted((REPO / "configs" / "natural").glob("*.yaml"))
 ]  # fmt: skip
 CONFIGS = PRETRAIN + NATURAL

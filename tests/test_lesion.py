@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
 from datamodules.lesion_abstract import AbstractLesionDataModule
-from datamodules.lesion_ct import NODULE_TYPES, LesionCTDataModule, render_lesion, simulate_lesions
+from datamodules.lesion_ct import NODULE_TYPES, LesionCTDataModule, _LesionSubjects, render_lesion, simulate_lesions
+from datamodules.manifest import ManifestDataModule
 from rmr_lightning.algorithms import NODULE_VDT_DAYS, growth_rate
-from tests.helpers import REPO, rmr, tiny_lesion
+from rmr_lightning.cli import cli_main
+from tests.helpers import REPO, rmr, subprocess_env, tiny_lesion, tiny_model
 
 SMALL = dict(train_pool=6, num_val=2, num_test=2, size=24, patch_size=16, roi_mm=5.0, diameter_mm=(4.0, 8.0), batch_size=2)
 
@@ -193,3 +199,43 @@ def test_queue_epochs_reproduce_after_a_resume(tiny_lesion_artifact: Path, tmp_p
     assert all(torch.allclose(ref[k].float(), res[k].float(), atol=1e-6) for k in ref)
     other = _lesion_fit(tiny_lesion_artifact, tmp_path / "cache", tmp_path / "two", epochs=3, stop_after=2)
     assert not torch.allclose(other.encoder.fuse.weight, reference.encoder.fuse.weight)  # the third epoch did train
+
+
+def test_exported_nodule_files_give_the_phantom_patches_and_fine_tune_through_the_manifest(tiny_lesion_artifact: Path, tmp_path: Path) -> None:
+    """Your own nodule scans: NIfTI files and a manifest, read by ``configs/natural/lesion_manifest.yaml``."""
+    export = [sys.executable, "scripts/export_lesion_phantoms.py", str(tmp_path / "nodules"), "--subjects", "8"]
+    done = subprocess.run(export, cwd=REPO, env=subprocess_env(PYTHONPATH=str(REPO), RMR_CACHE=str(tmp_path)), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = tmp_path / "nodules" / "manifest.csv"
+    config = ["--config", "configs/natural/lesion_ct.yaml", "--config", "configs/natural/lesion_manifest.yaml", f"--data.init_args.manifest={manifest}"]
+    cli = cli_main([*config, *tiny_model(tiny_lesion_artifact), "--data.init_args.val_fraction=0.25", "--data.init_args.test_fraction=0.25",
+                    "--data.init_args.batch_size=2", "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.logger=false",
+                    f"--trainer.default_root_dir={tmp_path / 'run'}"], run=False)  # fmt: skip
+    dm = cli.datamodule
+    assert isinstance(dm, ManifestDataModule) and cli.model.region_names == dm.region_names == ["lesion"]
+
+    # the file path sees the phantom's voxels (same lung window), centred on the ROI to within one voxel
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    phantoms = LesionCTDataModule(train_pool=8, num_val=0, num_test=0, cache_dir=str(tmp_path))
+    phantoms.setup()
+    volumes = _LesionSubjects(phantoms.cohort, list(range(8)), phantoms.intensity())
+    for k, sid in enumerate(batch.subject_ids):
+        i = int(sid.split("-")[1])
+        subject = volumes[i]
+        image = subject["image"].data[0]
+        centre = torch.nonzero(subject["sampling_map"].data[0]).float().mean(0).round().long()
+        errors = []
+        for shift in itertools.product((-1, 0, 1), repeat=3):
+            x, y, z = (centre - 16 + torch.tensor(shift)).tolist()
+            errors.append(float((image[x : x + 32, y : y + 32, z : z + 32] - batch.image[k, 0]).abs().max()))
+        assert min(errors) == 0.0, sid
+        assert torch.allclose(batch.target[k], phantoms.cohort["target"][i], rtol=1e-5)
+        assert torch.allclose(batch.covariates[k], phantoms.cohort["covariates"][i], rtol=1e-5)
+
+    cli.trainer.fit(cli.model, datamodule=dm)
+    assert cli.trainer.global_step == 2
+    cli.trainer.predict(cli.model, datamodule=dm)
+    frame = pd.read_csv(tmp_path / "run" / "predictions" / "predictions.csv")
+    assert sorted(frame["subject_id"]) == [f"nodule-{i:04d}" for i in range(8)]
+    assert {"horizon", "lesion_baseline", "lesion_followup", "lesion_vdt_days", "lesion_suspicious"} <= set(frame.columns)

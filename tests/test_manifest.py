@@ -256,6 +256,26 @@ def test_splits_are_disjoint_seeded_and_stable(cohort, monkeypatch):
     assert len(reads) == 1  # validated once; the second setup did nothing
 
 
+def test_train_size_draws_a_seeded_subset_of_the_training_split_only(cohort):
+    folder, rows = cohort(10)
+    manifest = str(write_manifest(folder / "m.csv", rows))
+
+    def splits(**kwargs) -> dict[str, list[str]]:
+        dm = ManifestDataModule(manifest, **SMALL, **kwargs)
+        dm.setup("fit")
+        return {name: sorted(ids) for name, ids in dm.splits.items()}
+
+    full = splits()
+    draws = [splits(train_size=3, subset_seed=s) for s in range(4)]
+    for draw in draws:
+        assert len(draw["train"]) == 3 and set(draw["train"]) <= set(full["train"])
+        assert (draw["val"], draw["test"], draw["predict"]) == (full["val"], full["test"], full["predict"])
+    assert splits(train_size=3, subset_seed=0) == draws[0]
+    assert len({tuple(d["train"]) for d in draws}) > 1  # the study's seeds draw different subsets
+    with pytest.raises(ManifestError, match="train_size 7 is not within the 6 subjects of the training split"):
+        splits(train_size=7)
+
+
 def test_tiny_cohort_has_no_validation_loader(cohort):
     folder, rows = cohort(2)  # 0.2 * 2 rounds to 0
     dm = ManifestDataModule(str(write_manifest(folder / "m.csv", rows)), **SMALL)

@@ -52,18 +52,45 @@ def _data_covariate_names(datamodule) -> list[str] | None:
     return getattr(datamodule, "covariate_names", None)
 
 
+def _checkpoint_dirs(callbacks: list[Any]) -> list[Path]:
+    """The ``dirpath`` folders of the config's ModelCheckpoint callbacks."""
+    dirs = []
+    for cb in callbacks or []:
+        dirpath = getattr(getattr(cb, "init_args", None), "dirpath", None)
+        if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint") and dirpath:
+            dirs.append(Path(dirpath))
+    return dirs
+
+
+def _latest(paths: list[Path]) -> Path | None:
+    return max(paths, key=lambda p: p.stat().st_mtime) if paths else None
+
+
 def _resolve_checkpoint(ckpt_path: str, callbacks: list[Any]) -> Path | None:
     """The file ``--ckpt_path`` names, with ``last`` looked up in the ModelCheckpoint folders of the config."""
     if ckpt_path not in ("last", "best", "hpc", "registry"):
         return Path(ckpt_path) if Path(ckpt_path).is_file() else None
     if ckpt_path != "last":
         return None
-    found = []
-    for cb in callbacks or []:
-        dirpath = getattr(getattr(cb, "init_args", None), "dirpath", None)
-        if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint") and dirpath:
-            found += list(Path(dirpath).glob("last*.ckpt"))
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    return _latest([p for d in _checkpoint_dirs(callbacks) for p in d.glob("last*.ckpt")])
+
+
+def _best_checkpoint(callbacks: list[Any]) -> Path:
+    """``--ckpt_path best`` in a process that did not fit: Lightning knows the best checkpoint only in the
+    fitting process, so read it from the ModelCheckpoint state saved in the folder's last checkpoint."""
+    dirs = _checkpoint_dirs(callbacks)
+    last = _resolve_checkpoint("last", callbacks)
+    if last is None:
+        raise ValueError(
+            f"--ckpt_path best: no last.ckpt in the checkpoint folders {[str(d) for d in dirs] or '(none configured)'} "
+            "to read the best checkpoint from; fit first (with save_last), or pass the checkpoint file"
+        )
+    states = torch.load(last, map_location="cpu", weights_only=False).get("callbacks", {})
+    best = [v.get("best_model_path") for k, v in states.items() if str(k).startswith("ModelCheckpoint") and isinstance(v, dict)]
+    best = [Path(b) for b in best if b and Path(b).is_file()]
+    if not best:
+        raise ValueError(f"--ckpt_path best: {last} records no best checkpoint that still exists; pass the checkpoint file")
+    return best[0]
 
 
 ROOT_PLACEHOLDER = "{default_root_dir}"
@@ -84,6 +111,15 @@ def _fill_root(node: Any, root: str) -> Any:
     return node
 
 
+def _fill_roots(trainer: Namespace) -> None:
+    """Expand environment variables in ``default_root_dir`` and fill it into the callbacks and logger."""
+    if trainer.default_root_dir:  # e.g. results/sweeps/$WANDB_RUN_ID: the agent sets it for each run
+        trainer.default_root_dir = os.path.expandvars(str(trainer.default_root_dir))
+    root = str(trainer.default_root_dir or ".")
+    trainer.callbacks = _fill_root(trainer.callbacks, root)
+    trainer.logger = _fill_root(trainer.logger, root)
+
+
 class RMRCLI(LightningCLI):
     """LightningCLI with the links that keep numbers from being typed twice, and W&B run resumption."""
 
@@ -95,6 +131,10 @@ class RMRCLI(LightningCLI):
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if subcommand in ("validate", "test", "predict") and ckpt_path == "best":
+            config = self.config[subcommand]
+            _fill_roots(config.trainer)
+            ckpt_path = config.ckpt_path = str(_best_checkpoint(config.trainer.callbacks))
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
@@ -111,12 +151,7 @@ class RMRCLI(LightningCLI):
         """Expand environment variables in ``default_root_dir`` and fill ``{default_root_dir}`` in the callbacks
         and logger; ``fit --ckpt_path ...`` continues the W&B run the checkpoint was written by."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        trainer = config.trainer
-        if trainer.default_root_dir:  # e.g. results/sweeps/$WANDB_RUN_ID: the agent sets it for each run
-            trainer.default_root_dir = os.path.expandvars(str(trainer.default_root_dir))
-        root = str(trainer.default_root_dir or ".")
-        trainer.callbacks = _fill_root(trainer.callbacks, root)
-        trainer.logger = _fill_root(trainer.logger, root)
+        _fill_roots(config.trainer)
         if self.subcommand != "fit":
             return
         logger = config.trainer.logger

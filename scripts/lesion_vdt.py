@@ -28,7 +28,9 @@ def flags(volumes: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
 def evaluate(checkpoint: str) -> dict[str, float]:
     """Rebuild the run, model and datamodule, from the resolved config saved beside its checkpoints, load
     the weights, predict the test set."""
-    config = Path(checkpoint).parents[1] / "config.yaml"
+    config = Path(checkpoint).parent / "config.yaml"  # beside the checkpoints
+    if not config.is_file():  # runs from before checkpoints had their own folder: in the logger's version folder
+        config = Path(checkpoint).parents[1] / "config.yaml"
     cli = cli_main(["--config", str(config), "--trainer.logger=false"], run=False)
     model, dm = cli.model, cli.datamodule
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])

@@ -117,6 +117,18 @@ def test_natural_config_fast_dev_run(config: str, tiny_artifact: Path, tmp_path:
     assert cli.trainer.global_step == 1
 
 
+def test_test_and_predict_in_a_new_process_find_the_best_checkpoint_of_the_fit(tiny_artifact: Path, tmp_path: Path) -> None:
+    args = ["--config", "configs/natural/brain_mri.yaml", *tiny_natural(tiny_artifact), "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false"]  # fmt: skip
+    fit = cli_main(["fit", *args, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=4", "--trainer.val_check_interval=2"])
+    best = fit.trainer.checkpoint_callback.best_model_path
+    assert Path(best).parent == tmp_path / "checkpoints" and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    test = cli_main(["test", *args, f"--trainer.default_root_dir={tmp_path}", "--ckpt_path", "best"])
+    assert test.trainer.ckpt_path == best
+    with pytest.raises(ValueError, match="--ckpt_path best: no last.ckpt in the checkpoint folders"):
+        cli_main(["predict", *args, f"--trainer.default_root_dir={tmp_path / 'never_fitted'}", "--ckpt_path", "best"])
+
+
 def test_fkpp_phantoms_with_an_fkpp_processor(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
     """configs/natural/fkpp.yaml end to end: an FKPP artifact, FKPP phantoms, cohort gamma and alpha learned."""
     _fit([*_config_args(["configs/pretrain/ndm.yaml", "configs/pretrain/fkpp.yaml"]), *TINY_PRETRAIN,

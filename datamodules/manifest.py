@@ -36,6 +36,7 @@ import torch
 import torchio as tio
 from pydicom.misc import is_dicom
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from datamodules.sampling import epoch_sampler, training_subset
 from datamodules.scans import CT_WINDOW, MODALITIES, collate_subjects, preprocessing
@@ -433,6 +434,25 @@ def _subset(train: list[ManifestRow], train_size: int | None, subset_seed: int) 
     return [ordered[i] for i in training_subset(len(ordered), train_size, subset_seed)]
 
 
+class PreprocessedSubjects(Dataset):
+    """Subjects read and preprocessed once, then served from memory. The manifest's preprocessing is
+    deterministic, so repeating it every epoch (decompressing NIfTI, resampling) costs only time: 400
+    steps on 1 mm nodule patches took ~105 s per run without this cache. With loader workers each worker
+    keeps the subjects it has served (the workers persist across epochs)."""
+
+    def __init__(self, subjects: tio.SubjectsDataset) -> None:
+        self.subjects = subjects
+        self.cache: dict[int, tio.Subject] = {}
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def __getitem__(self, index: int) -> tio.Subject:
+        if index not in self.cache:
+            self.cache[index] = self.subjects[index]
+        return self.cache[index]
+
+
 # ------------------------------------------------------------------------------------- datamodule
 
 
@@ -458,6 +478,8 @@ class ManifestDataModule(L.LightningDataModule):
             with the validation and test subjects fixed by ``seed``.
         batch_size: subjects per batch.
         num_workers: DataLoader worker processes (reading and resampling run there).
+        cache: keep each preprocessed subject in memory after its first read (about 12 bytes per voxel of
+            ``shape``: 1.5 MB for a 4 mm brain, 0.4 MB for a 32^3 patch); false re-reads the files every epoch.
     """
 
     def __init__(
@@ -478,6 +500,7 @@ class ManifestDataModule(L.LightningDataModule):
         subset_seed: int = 0,
         batch_size: int = 4,
         num_workers: int = 0,
+        cache: bool = True,
     ) -> None:
         super().__init__()
         self._targets = list(target_columns) if target_columns is not None else dk84_region_names()
@@ -539,7 +562,8 @@ class ManifestDataModule(L.LightningDataModule):
         for name, rows in split.items():
             self.rows[name] = rows
             if rows:  # TorchIO refuses empty datasets; empty val/test splits have no loader
-                self.datasets[name] = tio.SubjectsDataset([r.subject() for r in rows], transform=self.transform)
+                subjects = tio.SubjectsDataset([r.subject() for r in rows], transform=self.transform)
+                self.datasets[name] = PreprocessedSubjects(subjects) if self.hparams.cache else subjects
 
     def _loader(self, name: str, shuffle: bool = False) -> tio.SubjectsLoader:
         workers = self.hparams.num_workers

@@ -276,6 +276,22 @@ def test_train_size_draws_a_seeded_subset_of_the_training_split_only(cohort):
         splits(train_size=7)
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_subjects_are_read_and_preprocessed_once_when_cached(cohort, monkeypatch, cache):
+    folder, rows = cohort(6)
+    reads = []
+    original = tio.SubjectsDataset.__getitem__
+    monkeypatch.setattr(tio.SubjectsDataset, "__getitem__", lambda self, i: reads.append(i) or original(self, i))
+    dm = ManifestDataModule(str(write_manifest(folder / "m.csv", rows)), cache=cache, val_fraction=0, test_fraction=0, **SMALL)
+    dm.setup("fit")
+    epochs = []
+    for _ in range(2):
+        batches = list(dm.train_dataloader())
+        epochs.append({sid: img for b in batches for sid, img in zip(b.subject_ids, b.image)})
+    assert len(reads) == (6 if cache else 12)
+    assert epochs[0].keys() == epochs[1].keys() and all(torch.equal(epochs[0][k], epochs[1][k]) for k in epochs[0])
+
+
 def test_tiny_cohort_has_no_validation_loader(cohort):
     folder, rows = cohort(2)  # 0.2 * 2 rounds to 0
     dm = ManifestDataModule(str(write_manifest(folder / "m.csv", rows)), **SMALL)

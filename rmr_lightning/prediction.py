@@ -153,7 +153,11 @@ class GrowthPredictionWriter(RegionalPredictionWriter):
             ax.set_xlabel(f"years from baseline ({days:.0f} d to follow-up)")
             ax.set_ylabel(f"{r} volume ({self.unit})")
             flag = "suspicious" if row[f"{r}_suspicious"] else "not suspicious"
-            ax.set_title(f"VDT {vdt:.0f} d: {flag}" if math.isfinite(vdt) else "no growth predicted: not suspicious", fontsize=10)
+            if math.isfinite(vdt):
+                title = f"VDT {vdt:.0f} d: {flag}"
+            else:  # inf: no growth; NaN: a volume predicted at or below zero
+                title = "no growth predicted: not suspicious" if math.isinf(vdt) else "volume predicted <= 0: no doubling time"
+            ax.set_title(title, fontsize=10)
             ax.legend(loc="upper left", fontsize=8)
         fig.suptitle(f"subject {row['subject_id']}")
         fig.tight_layout()

@@ -280,6 +280,7 @@ def run_study(study: Study) -> pd.DataFrame:
             progress.advance(task)
             progress.console.print(
                 f"  {row['variant']:9s} n={row['n_train']:<4d} seed={row['seed']}: test MAE {row['test_mae']:.5f}  "
+                f"(follow-up {row['test_mae_followup']:.5f})  "
                 f"R2 {row['test_r2']:.3f}  ({row['seconds']:.0f} s)"
             )
 
@@ -294,8 +295,12 @@ def run_study(study: Study) -> pd.DataFrame:
                 for future in as_completed(futures):
                     record(future.result())
     frame = pd.read_csv(csv)
-    (out / "summary.md").write_text(summarise(frame, study.measure))
-    plot(frame, out / "sample_efficiency.png", study.measure)
+    shown, measure = frame, study.measure
+    if frame["test_mae"].isna().all() and frame["test_mae_followup"].notna().any():
+        # scans without baseline values (a manifest without baseline_columns) have no change to score
+        shown, measure = frame.assign(test_mae=frame["test_mae_followup"]), "follow-up value (no baseline values: no change to score)"
+    (out / "summary.md").write_text(summarise(shown, measure))
+    plot(shown, out / "sample_efficiency.png", measure)
     console.print((out / "summary.md").read_text())
     return frame
 

@@ -11,11 +11,13 @@ import pandas as pd
 import pytest
 import torch
 import torchio as tio
+import yaml
 
 from datamodules.brain_phantom import BrainPhantomDataModule
 from rmr_lightning.cli import cli_main
 from rmr_lightning.connectome import load_dk84
 from rmr_lightning.finetuning import FrozenProcessorFinetuning
+from rmr_lightning.study import parse_study, run_study
 from tests.helpers import REPO, TINY_PRETRAIN, tiny_lesion, tiny_natural
 
 # Pretraining variants other than the default are stacked on it (`--config ndm.yaml --config fkpp.yaml`).
@@ -191,6 +193,24 @@ def test_manifest_config_fits_and_predicts_with_a_readout(manifest: Path, tiny_a
     assert sorted(frame["subject_id"]) == [f"sub-{i:02d}" for i in range(8)]
     assert {"Bankssts_L_followup", "Bankssts_L_baseline", "Bankssts_L_state"} <= set(frame.columns)
     assert len(list((tmp_path / "pred" / "figures").glob("*.png"))) == 2
+
+
+def test_the_study_runs_on_a_manifest_of_scans(manifest: Path, tiny_artifact: Path, tmp_path: Path) -> None:
+    """configs/study/manifest.yaml: each run trains on train_size subjects of the manifest's training split."""
+    study = parse_study(["--config", "configs/study/manifest.yaml", f"--output_dir={tmp_path / 'study'}", "--variants=[rmr]",
+                         "--train_sizes=[2, 4]", "--seeds=[0]", "--logger=none", "--workers=1"])  # fmt: skip
+    study.overrides = [
+        f"--data.init_args.manifest={manifest}", f"--model.init_args.processor_artifact={tiny_artifact}",
+        "--data.init_args.spacing=8", "--data.init_args.shape=[24,28,24]", "--data.init_args.batch_size=2",
+        "--model.init_args.encoder.init_args.widths=[2,4,4]", "--model.init_args.encoder.init_args.out_channels=4",
+        "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+    ]  # fmt: skip
+    frame = run_study(study)
+    # no baseline columns in this manifest: no change to score, so the summary scores the follow-up value
+    assert list(frame["n_train"]) == [2, 4] and frame["test_mae"].isna().all() and frame["test_mae_followup"].gt(0).all()
+    assert "follow-up value (no baseline values" in (tmp_path / "study" / "summary.md").read_text()
+    saved = [yaml.safe_load(p.read_text()) for p in sorted((tmp_path / "study" / "runs").glob("rmr_n*_seed0/checkpoints/config.yaml"))]
+    assert [c["data"]["init_args"]["train_size"] for c in saved] == [2, 4]
 
 
 def test_cli_with_args_ignores_and_keeps_the_callers_argv(monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder) -> None:

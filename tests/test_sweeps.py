@@ -71,5 +71,5 @@ def test_each_sweep_run_writes_into_its_own_folder(name: str, tiny_artifact: Pat
     root = Path("results/sweeps") / name / "sw1" / f"run-{name}"
     assert Path(cli.trainer.default_root_dir) == root
     assert Path(cli.trainer.logger.save_dir) == root
-    dirs = [Path(cb.dirpath).resolve() for cb in cli.trainer.callbacks if getattr(cb, "dirpath", None)]  # artifact, checkpoints
-    assert all(d == root.resolve() or root.resolve() in d.parents for d in dirs) and len(dirs) == (2 if name == "pretrain" else 0)
+    dirs = [Path(cb.dirpath).resolve() for cb in cli.trainer.callbacks if getattr(cb, "dirpath", None)]  # artifact (pretraining) and checkpoints
+    assert all(d == root.resolve() or root.resolve() in d.parents for d in dirs) and len(dirs) == (2 if name == "pretrain" else 1)

@@ -206,6 +206,9 @@ class FrozenProcessorFinetuning(L.LightningModule):
             (brain: most of the change is ageing and the mean carries it), or from ``P``'s change alone
             (lesions: growth is all of it, and a mean added on top must be unlearned; 1 mm lesion study, n=64).
         change_weight: weight of the loss on the change (follow-up minus baseline), the headline.
+        log_ratio_weight: weight of a loss on ``log(follow-up / baseline)`` where both are positive (0: off).
+            For growth the log ratio sets the doubling time, ``t ln 2 / ln(V1 / V0)``; the losses above weigh
+            it by size, so small fast-growing nodules count little. Dimensionless, of order 1: no scaling.
         abstract_lr_factor: learning-rate factor for ``f``, ``P`` and ``g`` when they learn. Adam moves every
             weight by about the learning rate, so a 128-wide linear ``g`` would move its read-out by ~0.2
             per step at the encoder's rate and lose the state's alignment within a few steps.
@@ -240,6 +243,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         region_centring: bool = True,
         readout: Literal["calibrated", "linear", "residual"] = "calibrated",
         change_weight: float = 1.0,
+        log_ratio_weight: float = 0.0,
         change_from_mean: bool = True,
         abstract_lr_factor: float = 0.1,
         cohort_lr_factor: float = 1.0,
@@ -497,6 +501,11 @@ class FrozenProcessorFinetuning(L.LightningModule):
             known = torch.isfinite(truth)
             if known.any():
                 loss = loss + weight * nn.functional.mse_loss(value[known] / scale, truth[known] / scale)
+        growing = torch.isfinite(target).all(-1) & (target > 0).all(-1)  # (B, R)
+        if self.hparams.log_ratio_weight > 0 and growing.any():
+            ratio = torch.log(pred[..., 1].clamp_min(1e-6) / pred[..., 0].clamp_min(1e-6))
+            truth = torch.log(target[..., 1] / target[..., 0])
+            loss = loss + self.hparams.log_ratio_weight * nn.functional.mse_loss(ratio[growing], truth[growing])
         return loss, out
 
     def _shared(self, stage: str, b: ScanBatch) -> Tensor:

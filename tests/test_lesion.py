@@ -165,6 +165,30 @@ def test_calibrated_change_starts_from_p_alone_or_from_the_mean(tiny_lesion_arti
     assert torch.allclose(change, expected, atol=1e-5)
 
 
+def test_log_ratio_loss_adds_the_squared_error_of_log_growth(tiny_lesion_artifact: Path, tmp_path: Path):
+    """``log_ratio_weight``: loss + w * mean (log(V1/V0)_pred - log(V1/V0)_true)^2 over positive targets."""
+    from rmr_lightning.encoders import RegionCNN
+    from rmr_lightning.finetuning import FrozenProcessorFinetuning
+
+    dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
+    dm.setup("fit")
+    b = next(iter(dm.val_dataloader()))
+    losses = []
+    for weight in (0.0, 2.0):
+        torch.manual_seed(0)
+        model = FrozenProcessorFinetuning(
+            str(tiny_lesion_artifact), connectome="isolated", subject_params=["r"], covariate_names=["horizon"],
+            encoder=RegionCNN(widths=(2, 4, 4), out_channels=4), region_centring=False, log_ratio_weight=weight,
+        ).eval()  # fmt: skip
+        with torch.no_grad():
+            loss, out = model.model_step(b)
+        losses.append(loss)
+    pred, truth = out["prediction"].clamp_min(1e-6), b.target  # a volume predicted <= 0 counts as 1e-6
+    assert (truth > 0).all()
+    expected = ((torch.log(pred[..., 1] / pred[..., 0]) - torch.log(truth[..., 1] / truth[..., 0])) ** 2).mean()
+    assert torch.allclose(losses[1] - losses[0], 2.0 * expected, rtol=1e-4)
+
+
 def _lesion_fit(artifact: Path, cache: Path, root: Path, epochs: int, ckpt_path: str | None = None, stop_after: int | None = None):
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from datamodules.brain_phantom import default_cache_dir
 from datamodules.lesion_abstract import REFERENCE_VOLUME_ML
 from datamodules.sampling import check_train_size, cohort_splits, epoch_sampler
-from datamodules.scans import collate_subjects, settings_key
+from datamodules.scans import collate_subjects, ct_windowing, settings_key
 from rmr_lightning.algorithms import NODULE_VDT_DAYS, gompertz_volume, growth_rate
 from rmr_lightning.files import atomic_torch_save
 
@@ -338,8 +338,7 @@ class LesionCTDataModule(L.LightningDataModule):
 
     def intensity(self) -> tio.Transform:
         """CT windowing shared by every split: the lung window rescaled to [0, 1]."""
-        low, high = LUNG_WINDOW
-        return tio.Compose([tio.Clamp(low, high), tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(low, high))])
+        return tio.Compose(ct_windowing(LUNG_WINDOW))
 
     def train_table(self) -> tuple[Tensor, Tensor]:
         """Targets (n, 1, 2) and covariates (n, 1) of the training subjects, without reading images."""

@@ -17,7 +17,7 @@ import torchio as tio
 
 from rmr_lightning.batches import ScanBatch
 
-__all__ = ["CT_WINDOW", "MODALITIES", "ScanBatch", "collate_subjects", "preprocessing"]
+__all__ = ["CT_WINDOW", "MODALITIES", "ScanBatch", "collate_subjects", "ct_windowing", "preprocessing"]
 
 MODALITIES = ("mri", "ct")
 #: Brain window for CT in Hounsfield units (level 40, width 80).
@@ -73,11 +73,17 @@ def preprocessing(
     if modality == "mri":
         intensity = [tio.ZNormalization(masking_method=tio.ZNormalization.mean)]
     else:
-        low, high = ct_window
-        if not low < high:
-            raise ValueError(f"ct_window must be (low, high) with low < high in HU, got {ct_window}")
-        intensity = [tio.Clamp(low, high), tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(low, high))]
+        intensity = ct_windowing(ct_window)
     return tio.Compose(spatial + intensity)
+
+
+def ct_windowing(window: tuple[float, float]) -> list[tio.Transform]:
+    """Clamp Hounsfield units to ``window`` (low, high) and rescale it to [0, 1]: HU are absolute, so no
+    per-subject statistics are used."""
+    low, high = window
+    if not low < high:
+        raise ValueError(f"ct_window must be (low, high) with low < high in HU, got {window}")
+    return [tio.Clamp(low, high), tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(low, high))]
 
 
 def collate_subjects(subjects: list[tio.Subject]) -> ScanBatch:

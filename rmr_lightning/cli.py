@@ -62,8 +62,10 @@ def _checkpoint_dirs(callbacks: list[Any]) -> list[Path]:
     return dirs
 
 
-def _latest(paths: list[Path]) -> Path | None:
-    return max(paths, key=lambda p: p.stat().st_mtime) if paths else None
+def _last_checkpoint(dirs: list[Path]) -> Path | None:
+    """The newest ``last*.ckpt`` in ``dirs``."""
+    found = [p for d in dirs for p in d.glob("last*.ckpt")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def _resolve_checkpoint(ckpt_path: str, callbacks: list[Any]) -> Path | None:
@@ -72,14 +74,14 @@ def _resolve_checkpoint(ckpt_path: str, callbacks: list[Any]) -> Path | None:
         return Path(ckpt_path) if Path(ckpt_path).is_file() else None
     if ckpt_path != "last":
         return None
-    return _latest([p for d in _checkpoint_dirs(callbacks) for p in d.glob("last*.ckpt")])
+    return _last_checkpoint(_checkpoint_dirs(callbacks))
 
 
 def _best_checkpoint(callbacks: list[Any]) -> Path:
     """``--ckpt_path best`` in a process that did not fit: Lightning knows the best checkpoint only in the
     fitting process, so read it from the ModelCheckpoint state saved in the folder's last checkpoint."""
     dirs = _checkpoint_dirs(callbacks)
-    last = _resolve_checkpoint("last", callbacks)
+    last = _last_checkpoint(dirs)
     if last is None:
         raise ValueError(
             f"--ckpt_path best: no last.ckpt in the checkpoint folders {[str(d) for d in dirs] or '(none configured)'} "

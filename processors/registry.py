@@ -10,6 +10,7 @@ No list of names lives in code: the installed entry points are the registry.
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import EntryPoint, entry_points
 
 from processors.base import Processor
@@ -23,14 +24,22 @@ def available_processors() -> dict[str, EntryPoint]:
 
 
 def resolve_processor(name: str) -> type[Processor]:
-    """The processor class registered under ``name``; the error lists the valid names."""
+    """The processor class registered under ``name``, or named by its import path (``my_pkg.MyProcessor``
+    or ``my_pkg:MyProcessor``); the error lists the valid names."""
     registry = available_processors()
-    if name not in registry:
+    if name in registry:
+        cls = registry[name].load()
+    elif "." in name or ":" in name:
+        module, _, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"processor {name!r}: cannot import it ({type(e).__name__}: {e})") from None
+    else:
         raise ValueError(
             f"unknown processor {name!r}; registered names: {sorted(registry)} "
-            f"(or give a class_path to any Processor subclass)"
+            f"(or give the import path of any Processor subclass, e.g. my_pkg.MyProcessor)"
         )
-    cls = registry[name].load()
     if not (isinstance(cls, type) and issubclass(cls, Processor)):
-        raise TypeError(f"entry point {name!r} -> {cls!r} is not a subclass of processors.base.Processor")
+        raise TypeError(f"processor {name!r} -> {cls!r} is not a subclass of processors.base.Processor")
     return cls

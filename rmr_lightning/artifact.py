@@ -132,7 +132,10 @@ def load_processor_artifact(path: str | Path, expected_hidden_dim: int | None = 
     """Read, verify and rebuild an artifact; raise ``ArtifactError`` naming the file on any mismatch."""
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"{path}: no processor artifact here; run `make pretrain` or pass --model.processor_artifact=PATH")
+        raise ArtifactError(
+            f"{path}: no processor artifact here; run `make pretrain` or pass --model.init_args.processor_artifact=PATH "
+            "(in Python: load_from_checkpoint(..., processor_artifact=PATH))"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or not a torch file

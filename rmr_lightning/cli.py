@@ -95,6 +95,31 @@ def _best_checkpoint(callbacks: list[Any]) -> Path:
     return best[0]
 
 
+# Datamodule settings that decide what a voxel means to the encoder: a checkpoint is only valid under its own.
+PREPROCESSING_KEYS = ("spacing", "shape", "modality", "ct_window", "patch_size")
+
+
+def _check_preprocessing(checkpoint: dict[str, Any], data: Namespace | None, ckpt_path: str) -> None:
+    """Refuse to validate, test or predict under other preprocessing than the checkpoint was fitted with
+    (e.g. a fit-time ``--data.init_args.spacing=8`` forgotten at predict time gives wrong numbers silently)."""
+    fitted = checkpoint.get("datamodule_hyper_parameters") or {}
+    current = getattr(data, "init_args", None) or {}
+
+    def plain(value: Any) -> Any:  # tuples in the checkpoint, lists in the config
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    differ = [
+        f"--data.init_args.{key}={plain(fitted[key])} (now {plain(current[key])})"
+        for key in PREPROCESSING_KEYS
+        if key in fitted and key in current and plain(fitted[key]) != plain(current[key])
+    ]
+    if differ:
+        raise ValueError(
+            f"{ckpt_path} was fitted with other preprocessing than this run's data; pass "
+            + ", ".join(differ) + " so the scans are prepared as the model saw them in training"
+        )
+
+
 ROOT_PLACEHOLDER = "{default_root_dir}"
 
 
@@ -139,7 +164,10 @@ class RMRCLI(LightningCLI):
             ckpt_path = config.ckpt_path = str(_best_checkpoint(config.trainer.callbacks))
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        if subcommand in ("validate", "test", "predict"):
+            _check_preprocessing(checkpoint, self.config[subcommand].get("data"), ckpt_path)
+        hparams = checkpoint.get("hyper_parameters", {})
         hparams.pop("_instantiator", None)
         class_path = hparams.pop("_class_path", None)
         if not hparams or class_path is None:

@@ -72,6 +72,24 @@ POLICIES: dict[str, VariantPolicy] = {
 }
 
 
+def target_statistics(targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Training means (R, 3) and spreads (3,) of baseline, follow-up and change from targets (n, R, 2)
+    of (baseline, follow-up), NaN where unknown.
+
+    Without baseline values (a manifest of follow-up values only) the baseline takes the follow-up's
+    statistics and the change starts at zero, so predictions still start from the training mean in the
+    targets' own units (volumes in mm^3 as well as fractions).
+    """
+    levels = torch.stack([targets[..., 0], targets[..., 1], targets[..., 1] - targets[..., 0]], dim=-1)  # (n, R, 3)
+    mean = torch.nanmean(levels, dim=0)
+    mean[:, 0] = torch.where(torch.isfinite(mean[:, 0]), mean[:, 0], mean[:, 1])
+    mean = mean.nan_to_num(0.0)
+    std = torch.sqrt(torch.nanmean((levels - mean).reshape(-1, 3) ** 2, dim=0))
+    usable = torch.isfinite(std) & (std > 0)
+    fallback = std[1] if bool(usable[1]) else torch.ones_like(std[1])  # the follow-up's spread, else 1
+    return mean, torch.where(usable, std, fallback)
+
+
 def freeze(module: nn.Module) -> nn.Module:
     """The one place parameters are frozen: no gradients, eval mode (kept by ``train()`` below)."""
     for param in module.parameters():
@@ -284,6 +302,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         spec = artifact.abstract_spec
         self.param_names: list[str] = list(spec["param_names"])
         self.max_time: float | None = spec.get("max_time")
+        self.pretrained_algorithm = str(spec.get("algorithm", "")).split("(")[0]  # class name of the A that P emulates
         self.time_index = self.param_names.index(spec["time_param"])
         self.covariate_names = covariate_names
         self.time_covariate_index = covariate_names.index(time_covariate)
@@ -388,11 +407,6 @@ class FrozenProcessorFinetuning(L.LightningModule):
         and the ``subject_params`` estimated from the subject's mean feature ``context`` (B, C) and the
         standardised covariates."""
         horizon = covariates[:, self.time_covariate_index]
-        if self.max_time and bool((horizon > self.max_time * (1 + 1e-6)).any()):
-            raise ValueError(
-                f"a follow-up horizon of {float(horizon.max()):.2f} exceeds the longest the processor was "
-                f"pretrained on ({self.max_time}); pretrain with a longer time range"
-            )
         cohort = self.param_low + (self.param_high - self.param_low) * torch.sigmoid(self.cohort_logits)
         params = cohort.unsqueeze(0).expand(len(horizon), -1).clone()
         params[:, self.time_index] = horizon
@@ -406,10 +420,26 @@ class FrozenProcessorFinetuning(L.LightningModule):
             params[:, idx] = low + (high - low) * torch.sigmoid(self.cohort_logits[idx] + logits)
         return params / self.param_scale
 
-    def encode(self, b: ScanBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """f'(x): returns latents (B*R, H), the estimated abstract state (B, R) and scaled covariates (B, C)."""
+    def check_horizons(self, covariates: Tensor, subject_ids: list[str]) -> None:
+        """Refuse, naming the subjects, a time covariate outside ``[0, max_time]``: frozen ``P`` was never
+        trained beyond its pretraining horizon, and a negative time has no meaning for ``A``."""
+        horizon = covariates[:, self.time_covariate_index]
+        high = self.max_time * (1 + 1e-6) if self.max_time else float("inf")
+        bad = [(s, float(h)) for s, h in zip(subject_ids, horizon.tolist()) if not 0.0 <= h <= high]
+        if bad:
+            listed = ", ".join(f"{s} ({h:.2f})" for s, h in bad)
+            raise ValueError(
+                f"subject(s) {listed}: the follow-up {self.covariate_names[self.time_covariate_index]!r} lies outside "
+                f"[0, {self.max_time}] years, the range the processor was pretrained on; pretrain with a longer time "
+                "range, or correct the covariate"
+            )
+
+    def encode(self, b: ScanBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """f'(x): returns latents (B*R, H), the estimated abstract state (B, R), scaled covariates (B, C) and
+        the voxels of each region the encoder pooled (B, R)."""
         if b.target.shape[1] != self.num_regions:
             raise ValueError(f"batch has {b.target.shape[1]} regions but the connectome has {self.num_regions}")
+        self.check_horizons(b.covariates, b.subject_ids)
         pooled, counts = self.encoder(b.image, b.labels, self.num_regions)  # (B, R, C), (B, R)
         present = (counts > 0).float().unsqueeze(-1)  # (B, R, 1)
         context = (pooled * present).sum(1, keepdim=True) / present.sum(1, keepdim=True).clamp_min(1)  # (B, 1, C)
@@ -421,7 +451,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         head_in = torch.cat(parts, dim=-1)
         # in (0, 1): the range of states P was pretrained on, so frozen P is never asked to extrapolate
         state = torch.sigmoid(self.state_head(head_in).squeeze(-1) + self.state_bias)  # (B, R)
-        return self.embed(state, self.abstract_params(b.covariates, context.squeeze(1))), state, cov
+        return self.embed(state, self.abstract_params(b.covariates, context.squeeze(1))), state, cov, counts
 
     def embed(self, state: Tensor, params: Tensor) -> Tensor:
         """f([x', p]) per region: states (B, R) and scaled parameters of A (B, P) -> latents (B*R, H)."""
@@ -435,8 +465,9 @@ class FrozenProcessorFinetuning(L.LightningModule):
         return self.processor(z, edge_index=edges, edge_weight=weights, batch=batch)
 
     def forward(self, b: ScanBatch) -> dict[str, Tensor]:
-        """Prediction (B, R, 2) of (baseline, follow-up), the estimated state and the readout g(z), (B, R) each."""
-        z, state, cov = self.encode(b)
+        """Prediction (B, R, 2) of (baseline, follow-up); the estimated state, the readout g(z) and the voxels
+        pooled per region, (B, R) each."""
+        z, state, cov, counts = self.encode(b)
         z_next = self.process(z, b.batch_size)
         bsz = b.batch_size
         now = self.decoder(z).reshape(bsz, self.num_regions)  # g(f'(x)): the current state (the readout)
@@ -452,18 +483,21 @@ class FrozenProcessorFinetuning(L.LightningModule):
         else:
             baseline = self.target_mean[:, 0] + self.target_std[0] * offset[..., 0]
             change = self.target_mean[:, 2] + self.target_std[2] * offset[..., 1]
-        return {"prediction": torch.stack([baseline, baseline + change], dim=-1), "state_estimate": state, "readout": now}
+        prediction = torch.stack([baseline, baseline + change], dim=-1)
+        return {"prediction": prediction, "state_estimate": state, "readout": now, "voxels": counts}
 
     # ---- standardisation -------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         """Measure covariate and target statistics on the training set once (kept in checkpoints)."""
         datamodule = self.trainer.datamodule
         algorithm = getattr(datamodule, "algorithm", None)  # phantoms know the A that made them
-        if algorithm is not None and list(algorithm.param_names) != self.param_names:
+        other_class = bool(self.pretrained_algorithm) and self.pretrained_algorithm != type(algorithm).__name__
+        if algorithm is not None and (list(algorithm.param_names) != self.param_names or other_class):
             rank_zero_warn(
                 f"the data follow {type(algorithm).__name__} (parameters {list(algorithm.param_names)}) but the processor "
-                f"artifact was pretrained on parameters {self.param_names}: P emulates another algorithm than the "
-                "one in the scans (for Fisher-KPP phantoms stack configs/natural/fkpp.yaml, which names its artifact)"
+                f"artifact was pretrained on {self.pretrained_algorithm or 'an algorithm'} (parameters {self.param_names}): "
+                "P emulates another algorithm than the one in the scans (for Fisher-KPP phantoms stack "
+                "configs/natural/fkpp.yaml, which names its artifact)"
             )
         if bool(self.stats_ready):
             return
@@ -476,12 +510,9 @@ class FrozenProcessorFinetuning(L.LightningModule):
             targets = torch.cat([b.target for b in batches])
             covariates = torch.cat([b.covariates for b in batches])
         targets, covariates = targets.to(self.device).float(), covariates.to(self.device).float()
-        levels = torch.stack([targets[..., 0], targets[..., 1], targets[..., 1] - targets[..., 0]], dim=-1)  # (n, R, 3)
-        mean = torch.nanmean(levels, dim=0)
-        self.target_mean.copy_(torch.where(torch.isfinite(mean), mean, torch.zeros_like(mean)))
-        centred = levels - self.target_mean
-        std = torch.sqrt(torch.nanmean(centred.reshape(-1, 3) ** 2, dim=0))
-        self.target_std.copy_(torch.where(torch.isfinite(std) & (std > 0), std, torch.ones_like(std)))
+        mean, std = target_statistics(targets)
+        self.target_mean.copy_(mean)
+        self.target_std.copy_(std)
         self.covariate_mean.copy_(covariates.mean(0))
         self.covariate_std.copy_(covariates.std(0).nan_to_num(1.0).clamp_min(1e-6) if len(covariates) > 1 else torch.ones_like(self.covariate_std))
         self.stats_ready.fill_(True)
@@ -547,6 +578,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
             "followup": out["prediction"][..., 1].cpu(),
             "baseline": out["prediction"][..., 0].cpu(),
             "state": out["readout"].cpu(),
+            "voxels": out["voxels"].cpu(),  # 0: the region is not in the label map; its values come from P and the mean alone
         }
 
     def configure_optimizers(self) -> Any:

@@ -21,19 +21,32 @@ class SaveAndLogConfig(SaveConfigCallback):
     """LightningCLI's config saver, extended: ``config.yaml`` also beside the checkpoints, and the whole
     nested config (not only flattened hyperparameters) sent to every logger (rank 0 only)."""
 
+    _text: str | None = None
+
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         text = self.parser.dump(self.config, skip_none=False)
-        checkpoint = trainer.checkpoint_callback
-        dirpath = getattr(checkpoint, "dirpath", None)
-        if dirpath:
-            Path(dirpath).mkdir(parents=True, exist_ok=True)
-            (Path(dirpath) / self.config_filename).write_text(text)
+        if stage == "fit":  # written once ModelCheckpoint has set up, which warns about a folder that is not empty
+            self._text = text
+        else:
+            self._write_beside_checkpoints(trainer, text)
         nested = self.config.clone().as_dict()
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.config.update({"cli": nested}, allow_val_change=True)
             else:
                 logger.log_hyperparams({"cli_config": text})
+
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._text is not None and trainer.is_global_zero:
+            self._write_beside_checkpoints(trainer, self._text)
+        self._text = None
+
+    def _write_beside_checkpoints(self, trainer: L.Trainer, text: str) -> None:
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if dirpath:
+            Path(dirpath).mkdir(parents=True, exist_ok=True)
+            (Path(dirpath) / self.config_filename).write_text(text)
 
 
 class RunIdentity(L.Callback):

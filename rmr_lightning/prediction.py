@@ -20,6 +20,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from rmr_lightning.algorithms import DAYS_PER_YEAR, SUSPICIOUS_VDT_DAYS, doubling_time_days, suspicious_growth
+from rmr_lightning.plotting import pyplot
 
 
 def _rows(outputs: list[dict[str, Any]], regions: list[str], covariate_names: list[str]) -> list[dict[str, Any]]:
@@ -30,16 +31,15 @@ def _rows(outputs: list[dict[str, Any]], regions: list[str], covariate_names: li
             row.update({name: float(v) for name, v in zip(covariate_names, out["covariates"][i].tolist())})
             for kind in ("followup", "baseline", "state"):
                 row.update({f"{name}_{kind}": float(v) for name, v in zip(regions, out[kind][i].tolist())})
+            # regions the label map lacks: predicted from P and the training mean, with nothing read from the scan
+            row["absent_regions"] = ";".join(name for name, n in zip(regions, out["voxels"][i].tolist()) if n == 0)
             rows.append(row)
     return rows
 
 
 def plot_subject(row: pd.Series, regions: list[str], path: Path) -> None:
     """Bars of predicted baseline and follow-up per region, and the decoded state on a second axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     x = range(len(regions))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(14, 6), sharex=True)
@@ -51,7 +51,12 @@ def plot_subject(row: pd.Series, regions: list[str], path: Path) -> None:
     bottom.set_ylabel("decoded state g(f'(x))")
     bottom.set_xticks(list(x))
     bottom.set_xticklabels(regions, rotation=90, fontsize=6)
-    fig.suptitle(f"subject {row['subject_id']}")
+    absent = set(str(row.get("absent_regions", "") or "").split(";")) - {""}
+    for label in bottom.get_xticklabels():
+        if label.get_text() in absent:
+            label.set_color("0.6")
+    note = f" ({len(absent)} regions not in the label map, in grey: predicted without image evidence)" if absent else ""
+    fig.suptitle(f"subject {row['subject_id']}{note}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -82,7 +87,7 @@ class RegionalPredictionWriter(BasePredictionWriter):
         frame = pd.DataFrame(rows).drop_duplicates("subject_id").sort_values("subject_id")  # DDP pads by repeating
         frame = self.add_columns(frame, pl_module)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(self.output_dir / "predictions.csv", index=False)
+        frame.to_csv(self.output_dir / "predictions.csv", index=False, float_format="%.7g")  # float32's digits: age 78.3, not 78.30000305
         figures = self.output_dir / "figures"
         for k, (_, row) in enumerate(frame.iterrows()):
             if k >= self.max_figures:
@@ -130,10 +135,7 @@ class GrowthPredictionWriter(RegionalPredictionWriter):
         return frame.assign(**extra)
 
     def plot(self, row: pd.Series, pl_module: L.LightningModule, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         time = pl_module.covariate_names[pl_module.time_covariate_index]
         horizon = float(row[time])

@@ -74,6 +74,7 @@ class ProcessorPretraining(L.LightningModule):
         self.register_buffer("param_decay", torch.tensor(decay, dtype=torch.float32), persistent=False)
         self.encoder = nn.Linear(1 + len(spec["param_names"]), hidden_dim)  # f: [x', params] -> z
         self.processor = build_processor(processor, hidden_dim)  # P
+        self.processor.init_args()  # a processor the artifact could not rebuild fails now, not after training
         self.decoder = nn.Linear(hidden_dim, 1)  # g: z -> state
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler

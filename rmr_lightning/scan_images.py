@@ -18,14 +18,13 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
+from rmr_lightning.plotting import pyplot
+
 
 def slice_panel(image: Tensor, labels: Tensor) -> np.ndarray:
     """image, labels (X, Y, Z) -> RGB uint8 (H, W, 3): sagittal, coronal and axial slices through the
     centre of the labelled voxels, label outline in colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     inside = torch.nonzero(labels > 0)
     centre = inside.float().mean(0).round().long().tolist() if len(inside) else [s // 2 for s in image.shape]
@@ -88,7 +87,7 @@ class LogScanSlices(L.Callback):
 
     @staticmethod
     def _write(root: Path, panels: list[np.ndarray]) -> None:
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         folder = root / "scans"
         folder.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rmr_lightning.cli import cli_main
+from rmr_lightning.plotting import pyplot
 
 COLUMNS = [
     "task", "variant", "n_train", "seed", "test_mae", "test_r2", "test_mae_followup", "test_state_corr",
@@ -192,18 +193,18 @@ def summarise(frame: pd.DataFrame, measure: str = Study.measure) -> str:
         notes.append(f"- rmr at n=16 / baseline at n=64 = {text} (<= 1: 4x data efficiency)")
     corr = frame.groupby("variant")["test_state_corr"].mean()
     readout = ", ".join(f"{v} {corr[v]:.3f}" for v in variants if v in corr and not math.isnan(corr[v]))
-    return (
+    text = (
         f"Test MAE of the predicted {measure}, mean ± std over "
-        f"{full} seed(s); lower is better.\n\n" + "\n".join(lines) + "\n\nRatios of mean test MAE (paired seeds):\n\n" + "\n".join(notes)
-        + f"\n\nCorrelation of the state decoded by the pretrained g from f'(x) with the hidden true state (mean over runs): {readout}\n"
+        f"{full} seed(s); lower is better.\n\n" + "\n".join(lines) + "\n\nRatios of mean test MAE (paired seeds):\n\n" + "\n".join(notes) + "\n"
     )
+    if readout:  # phantoms only: scans of real subjects have no hidden true state
+        text += f"\nCorrelation of the state decoded by the pretrained g from f'(x) with the hidden true state (mean over runs): {readout}\n"
+    return text
 
 
 def plot(frame: pd.DataFrame, path: Path, measure: str = Study.measure) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    from matplotlib import ticker
 
     fig, ax = plt.subplots(figsize=(7.4, 4.4))
     for variant in [v for v in VARIANT_ORDER if v in set(frame["variant"])]:
@@ -214,8 +215,8 @@ def plot(frame: pd.DataFrame, path: Path, measure: str = Study.measure) -> None:
         )  # fmt: skip
     ax.set_xscale("log")
     ax.set_xticks(sorted(frame["n_train"].unique()))
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the sizes that were run
+    ax.get_xaxis().set_major_formatter(ticker.ScalarFormatter())
+    ax.get_xaxis().set_minor_formatter(ticker.NullFormatter())  # only the sizes that were run
     ax.set_yscale("log")  # variants differ by factors; a poor one (random_p) would flatten the rest
     low, high = ax.get_ylim()
     decades = math.log10(high / low)
@@ -224,8 +225,8 @@ def plot(frame: pd.DataFrame, path: Path, measure: str = Study.measure) -> None:
     def minor_label(value: float, _: int) -> str:
         return f"{value:g}" if round(value / 10 ** math.floor(math.log10(value))) in labelled else ""
 
-    ax.get_yaxis().set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.get_yaxis().set_minor_formatter(matplotlib.ticker.FuncFormatter(minor_label))
+    ax.get_yaxis().set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.get_yaxis().set_minor_formatter(ticker.FuncFormatter(minor_label))
     ax.set_xlabel("training subjects")
     ax.set_ylabel(f"test MAE of {measure.split(' (')[0]} (log)")
     ax.set_title(f"Sample efficiency: {frame['task'].iloc[0]}")
@@ -260,10 +261,14 @@ def run_study(study: Study) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "summary.csv"
     done = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=COLUMNS)
-    finished = {(r.variant, int(r.n_train), int(r.seed)) for r in done.itertuples()}
+    mine = done[done["task"].astype(str) == study.task]
+    finished = {(r.variant, int(r.n_train), int(r.seed)) for r in mine.itertuples()}
     todo = [r for r in study.runs() if r not in finished]
     console = Console()
-    console.print(f"[bold]rmr-study[/]: {len(todo)} runs to go ({len(finished)} already in {csv})")
+    if len(mine) < len(done):  # another task's rows (a reused output_dir): kept in the file, not resumed or summarised
+        others = ", ".join(sorted(set(done["task"].astype(str)) - {study.task}))
+        console.print(f"[yellow]{csv} also holds {len(done) - len(mine)} runs of task(s) {others}: only task {study.task} is resumed and summarised[/]")
+    console.print(f"[bold]rmr-study[/]: {len(todo)} runs to go ({len(finished)} of task {study.task} already in {csv})")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
@@ -295,6 +300,7 @@ def run_study(study: Study) -> pd.DataFrame:
                 for future in as_completed(futures):
                     record(future.result())
     frame = pd.read_csv(csv)
+    frame = frame[frame["task"].astype(str) == study.task].reset_index(drop=True)
     shown, measure = frame, study.measure
     if frame["test_mae"].isna().all() and frame["test_mae_followup"].notna().any():
         # scans without baseline values (a manifest without baseline_columns) have no change to score

@@ -5,7 +5,7 @@
 # The studies run side by side (the small 3D CNNs leave the GPU mostly idle); summary.csv is written after
 # every run, so a study cut off by LIMIT keeps what finished, and its table and plot are made from that.
 # Usage: bash scripts/gpu_study.sh   (env: TASKS, LIMIT seconds, SPACING, STEPS, WORKERS per task, SIZES,
-#                                      VARIANTS, SEEDS, ACCEL, CENTRING=false for region_centring off, GAIN for
+#                                      VARIANTS, SEEDS, POOL (training pool, default 64), ACCEL, CENTRING=false for region_centring off, GAIN for
 #                                      gain_lr_factor (default 10), SMOKE=0 to skip the precision check;
 #                                      results in $OUT/results.tgz)
 # RESUME=PREFIX continues earlier studies: PREFIX_mri_summary.csv / PREFIX_ct_summary.csv become each study's
@@ -51,7 +51,7 @@ workers: ${WORKERS:-6}
 overrides:
   - --config=configs/trainer/${ACCEL:-gpu}.yaml
   - --data.init_args.spacing=${SPACING:-2}
-  - --data.init_args.train_pool=64
+  - --data.init_args.train_pool=${POOL:-64}
   - --data.init_args.num_workers=0
   - --trainer.max_steps=${STEPS:-400}
   - --model.init_args.region_centring=${CENTRING:-true}

@@ -127,6 +127,9 @@ def test_test_and_predict_in_a_new_process_find_the_best_checkpoint_of_the_fit(t
     assert Path(best).parent == tmp_path / "checkpoints" and (tmp_path / "checkpoints" / "last.ckpt").is_file()
     test = cli_main(["test", *args, f"--trainer.default_root_dir={tmp_path}", "--ckpt_path", "best"])
     assert test.trainer.ckpt_path == best
+    # preprocessing other than the fit's (a fit-time override forgotten) is refused, naming the setting to pass
+    with pytest.raises(ValueError, match=r"fitted with other preprocessing.*--data.init_args.spacing=8 \(now 6\)"):
+        cli_main(["predict", *args, f"--trainer.default_root_dir={tmp_path}", "--data.init_args.spacing=6", "--ckpt_path", "best"])
     with pytest.raises(ValueError, match="--ckpt_path best: no last.ckpt in the checkpoint folders"):
         cli_main(["predict", *args, f"--trainer.default_root_dir={tmp_path / 'never_fitted'}", "--ckpt_path", "best"])
 
@@ -149,6 +152,13 @@ def test_a_diffusion_processor_on_fkpp_phantoms_warns(tiny_artifact: Path, tmp_p
     args = ["--config", "configs/natural/brain_mri.yaml", "--config", "configs/natural/fkpp.yaml", *tiny_natural(tiny_artifact),
             "--trainer.fast_dev_run=true", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
     with pytest.warns(UserWarning, match="FisherKPP.*emulates another algorithm"):
+        _fit(args)
+
+
+def test_a_processor_of_another_algorithm_with_the_same_parameters_warns(tiny_artifact: Path, tmp_path: Path) -> None:
+    args = ["--config", "configs/natural/brain_mri.yaml", "--data.init_args.algorithm=tests.helpers.FasterDiffusion", *tiny_natural(tiny_artifact),
+            "--trainer.fast_dev_run=true", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    with pytest.warns(UserWarning, match="FasterDiffusion.*pretrained on NetworkDiffusion.*emulates another algorithm"):
         _fit(args)
 
 
@@ -193,6 +203,11 @@ def test_manifest_config_fits_and_predicts_with_a_readout(manifest: Path, tiny_a
     assert sorted(frame["subject_id"]) == [f"sub-{i:02d}" for i in range(8)]
     assert {"Bankssts_L_followup", "Bankssts_L_baseline", "Bankssts_L_state"} <= set(frame.columns)
     assert len(list((tmp_path / "pred" / "figures").glob("*.png"))) == 2
+    # regions missing from a subject's label map are named: their values carry no image evidence
+    names = load_dk84()[1]
+    labels = set(tio.LabelMap(manifest.parent / "sub-00_dseg.nii.gz").data.unique().tolist())
+    absent = [n for r, n in enumerate(names, 1) if r not in labels]
+    assert absent and frame.set_index("subject_id").loc["sub-00", "absent_regions"].split(";") == absent
 
 
 def test_the_study_runs_on_a_manifest_of_scans(manifest: Path, tiny_artifact: Path, tmp_path: Path) -> None:

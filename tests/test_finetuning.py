@@ -12,7 +12,7 @@ import torch
 from datamodules.brain_phantom import BrainPhantomDataModule
 from rmr_lightning.artifact import load_processor_artifact
 from rmr_lightning.encoders import RegionCNN, pool_regions, region_moments, soft_histogram
-from rmr_lightning.finetuning import POLICIES, FrozenProcessorFinetuning, RegionCentring
+from rmr_lightning.finetuning import POLICIES, FrozenProcessorFinetuning, RegionCentring, target_statistics
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,21 @@ def test_training_statistics_are_measured_once_and_restored(tiny_artifact: Path,
     assert torch.allclose(model.target_mean[:, 2], torch.nanmean(change, 0).nan_to_num(0.0), atol=1e-6)
 
 
+def test_follow_up_only_targets_start_from_their_training_mean_in_their_own_units() -> None:
+    """A manifest without baseline columns (regional volumes in mm^3): the baseline and the change must not
+    start at 0 with a spread of 1, which left predictions near g's state (~0.05) and 8x worse than the mean."""
+    followup = 3000.0 + 500.0 * torch.randn(40, 84, generator=torch.Generator().manual_seed(0))
+    targets = torch.stack([torch.full_like(followup, float("nan")), followup], dim=-1)  # (n, R, 2)
+    mean, std = target_statistics(targets)
+    assert torch.allclose(mean[:, 0], followup.mean(0)) and torch.allclose(mean[:, 1], followup.mean(0))
+    assert torch.equal(mean[:, 2], torch.zeros(84))
+    assert torch.allclose(std, std[1].expand(3)) and 450 < float(std[1]) < 550
+    # with baselines, nothing is borrowed: the change has its own mean and spread
+    targets[..., 0] = followup - 30.0 + torch.randn_like(followup)
+    mean, std = target_statistics(targets)
+    assert torch.allclose(mean[:, 2], torch.full((84,), 30.0), atol=0.5) and float(std[2]) < 2 < float(std[1])
+
+
 def test_predictions_and_readout_shapes(tiny_artifact: Path, phantoms) -> None:
     model = _model(tiny_artifact, "rmr").eval()
     phantoms.setup("fit")
@@ -101,7 +116,10 @@ def test_horizon_beyond_pretraining_is_refused(tiny_artifact: Path, phantoms) ->
     phantoms.setup("fit")
     batch = next(iter(phantoms.val_dataloader()))
     batch.covariates[:, 1] = 99.0
-    with pytest.raises(ValueError, match="exceeds the longest the processor was pretrained on"):
+    with pytest.raises(ValueError, match=rf"subject\(s\) {batch.subject_ids[0]} \(99.00\), .*outside \[0, 4.0\]"):
+        model(batch)
+    batch.covariates[:, 1] = -2.0  # a negative time has no meaning for A
+    with pytest.raises(ValueError, match=r"\(-2.00\)"):
         model(batch)
 
 

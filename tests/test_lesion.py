@@ -111,7 +111,7 @@ def test_lesion_finetuning_keeps_the_frozen_mlp_and_estimates_the_rate_per_subje
     assert all(torch.equal(before[k], v) for k, v in model.processor.state_dict().items())
     assert not torch.equal(head, model.param_head[0].weight)  # the rate head learns through the frozen P
     b = next(iter(dm.val_dataloader()))
-    z, _, _ = model.encode(b)
+    z, *_ = model.encode(b)
     params = model.abstract_params(b.covariates, model.encoder(b.image, b.labels, 1)[0][:, 0]) * model.param_scale
     low, high = model.param_low[0], model.param_high[0]
     assert z.shape == (2, model.processor.hidden_dim) and torch.all((params[:, 0] > low) & (params[:, 0] < high))
@@ -158,7 +158,7 @@ def test_calibrated_change_starts_from_p_alone_or_from_the_mean(tiny_lesion_arti
     b = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         out = model(b)
-        z, _, _ = model.encode(b)
+        z, *_ = model.encode(b)
         now, after = model.decoder(z).reshape(2, 1), model.decoder(model.process(z, 2)).reshape(2, 1)
     change = out["prediction"][..., 1] - out["prediction"][..., 0]
     expected = 4.0 * (after - now) + (5.0 if from_mean else 0.0)

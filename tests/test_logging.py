@@ -25,7 +25,7 @@ def test_wandb_defaults_to_offline_without_a_login(monkeypatch, tmp_path: Path) 
     assert os.environ["WANDB_MODE"] == "online"
 
 
-def test_natural_run_logs_config_hash_and_variant_to_wandb(tiny_artifact: Path, tmp_path: Path, monkeypatch) -> None:
+def test_natural_run_logs_config_hash_and_variant_to_wandb(tiny_artifact: Path, tmp_path: Path, monkeypatch, recwarn) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt")}}
@@ -43,6 +43,8 @@ def test_natural_run_logs_config_hash_and_variant_to_wandb(tiny_artifact: Path, 
     assert config["processor_sha256"] == cli.model.artifact_sha256 and config["variant"] == "scratch"
     saved = yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())
     assert saved["model"]["init_args"]["processor_artifact"] == str(tiny_artifact)
+    # our own config.yaml must not set off Lightning's warning about reusing a checkpoint folder
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]
     cli.trainer.logger.experiment.finish()
     logged = "".join(p.read_text(errors="ignore") for p in tmp_path.rglob("*.log"))
     assert "phantom-mri-0000" not in logged  # subject ids never reach the logger

@@ -113,3 +113,17 @@ def test_bad_arguments_are_refused() -> None:
         GATv2Processor(10, heads=4)
     with pytest.raises(ValueError, match=r"\(N, 8\)"):
         MLPProcessor(8)(torch.randn(3, 5))
+
+
+class _Forgetful(MLPProcessor):
+    """Takes an argument and does not keep it: the artifact could not rebuild it."""
+
+    def __init__(self, hidden_dim: int, scale: float = 2.0, **kwargs) -> None:
+        super().__init__(hidden_dim, **kwargs)
+
+
+def test_a_processor_that_does_not_keep_an_init_argument_fails_before_training() -> None:
+    from rmr_lightning.pretraining import ProcessorPretraining
+
+    with pytest.raises(AttributeError, match="_Forgetful must keep its init argument 'scale' as self.scale"):
+        ProcessorPretraining(processor=lambda hidden_dim: _Forgetful(hidden_dim), hidden_dim=8)

@@ -22,6 +22,15 @@ def test_unknown_name_lists_the_valid_ones() -> None:
         resolve_processor("nope")
 
 
+def test_an_import_path_names_a_processor_without_registration() -> None:
+    assert resolve_processor("processors.mpnn.MPNNProcessor") is MPNNProcessor
+    assert resolve_processor("processors.mpnn:MPNNProcessor") is MPNNProcessor
+    with pytest.raises(ValueError, match=r"processor 'processors.mpnn.Nope': cannot import it"):
+        resolve_processor("processors.mpnn.Nope")
+    with pytest.raises(TypeError, match="not a subclass of processors.base.Processor"):
+        resolve_processor("torch.nn.Linear")
+
+
 @pytest.fixture
 def third_party_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An installed distribution (package + dist-info, as pip lays it out) registering ``tiny_gnn``."""

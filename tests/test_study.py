@@ -25,6 +25,11 @@ def test_study_writes_summary_plot_and_resumes(tiny_artifact: Path, tmp_path: Pa
         overrides=[*tiny_natural(tiny_artifact), "--trainer.max_steps=2", "--trainer.val_check_interval=2"],
         logger="csv",
     )
+    # a reused output folder holding another task's run of the same variant, size and seed: not resumed, not summarised
+    out = Path(study.output_dir)
+    out.mkdir(parents=True)
+    other = {c: "" for c in COLUMNS} | {"task": "other", "variant": "rmr", "n_train": 2, "seed": 0, "test_mae": 99.0, "test_mae_followup": 99.0}
+    pd.DataFrame([other], columns=COLUMNS).to_csv(out / "summary.csv", index=False)
     cohorts: weakref.WeakSet = weakref.WeakSet()
     setups: list[str] = []
     setup = BrainPhantomDataModule.setup
@@ -36,7 +41,8 @@ def test_study_writes_summary_plot_and_resumes(tiny_artifact: Path, tmp_path: Pa
         gc.enable()
     # each run's datamodule (and the cohort it holds, 1.1 GB at 2 mm) is freed when the run ends
     assert setups.count("fit") == 4 and len(cohorts) <= 1, (len(cohorts), setups)  # setup runs for fit and test
-    out = Path(study.output_dir)
+    assert (out / "summary.md").is_file() and "99.0" not in (out / "summary.md").read_text()
+    assert pd.read_csv(out / "summary.csv")["task"].tolist().count("other") == 1
     assert (out / "summary.md").is_file() and (out / "sample_efficiency.png").stat().st_size > 10_000
     assert list(frame.columns) == COLUMNS and len(frame) == 4
     assert set(frame["variant"]) == {"rmr", "baseline"} and frame["test_mae"].gt(0).all()
@@ -57,7 +63,9 @@ def test_summary_reports_the_ratios_the_claims_rest_on() -> None:
                 rows.append({"task": "t", "variant": variant, "n_train": n, "seed": seed, "test_mae": scale / n + 0.001 * seed, "test_state_corr": 0.5})
     text = summarise(pd.DataFrame(rows))
     assert "n=8: rmr / baseline = 0.5" in text and "rmr at n=16 / baseline at n=64" in text
-    assert "| rmr |" in text and "3 seed(s)" in text
+    assert "| rmr |" in text and "3 seed(s)" in text and "hidden true state (mean over runs): rmr 0.500" in text
+    # scans of real subjects (a manifest) have no hidden state: no empty correlation line
+    assert "hidden true state" not in summarise(pd.DataFrame(rows).assign(test_state_corr=float("nan")))
     # a study cut off before rmr's last seed at n=16: the cell and the ratio say so, pairing seeds
     cut = pd.DataFrame([r for r in rows if not (r["variant"] == "rmr" and r["n_train"] == 16 and r["seed"] == 2)])
     text = summarise(cut)

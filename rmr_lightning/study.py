@@ -189,8 +189,9 @@ def summarise(frame: pd.DataFrame, measure: str = Study.measure) -> str:
         for other in ("baseline", "scratch", "unfrozen", "random_p"):
             if (text := ratio(("rmr", n), (other, n))) is not None:
                 notes.append(f"- n={n}: rmr / {other} = {text}")
-    if (text := ratio(("rmr", 16), ("baseline", 64))) is not None:
-        notes.append(f"- rmr at n=16 / baseline at n=64 = {text} (<= 1: 4x data efficiency)")
+    for n in sizes:  # every pair of sizes four-fold apart that the study ran
+        if (text := ratio(("rmr", n), ("baseline", 4 * n))) is not None:
+            notes.append(f"- rmr at n={n} / baseline at n={4 * n} = {text} (<= 1: 4x data efficiency)")
     corr = frame.groupby("variant")["test_state_corr"].mean()
     readout = ", ".join(f"{v} {corr[v]:.3f}" for v in variants if v in corr and not math.isnan(corr[v]))
     text = (

@@ -63,6 +63,7 @@ def test_summary_reports_the_ratios_the_claims_rest_on() -> None:
                 rows.append({"task": "t", "variant": variant, "n_train": n, "seed": seed, "test_mae": scale / n + 0.001 * seed, "test_state_corr": 0.5})
     text = summarise(pd.DataFrame(rows))
     assert "n=8: rmr / baseline = 0.5" in text and "rmr at n=16 / baseline at n=64" in text
+    assert "rmr at n=8 /" not in text  # no baseline at n=32 to compare with
     assert "| rmr |" in text and "3 seed(s)" in text and "hidden true state (mean over runs): rmr 0.500" in text
     # scans of real subjects (a manifest) have no hidden state: no empty correlation line
     assert "hidden true state" not in summarise(pd.DataFrame(rows).assign(test_state_corr=float("nan")))

@@ -425,9 +425,9 @@ class FrozenProcessorFinetuning(L.LightningModule):
         trained beyond its pretraining horizon, and a negative time has no meaning for ``A``."""
         horizon = covariates[:, self.time_covariate_index]
         high = self.max_time * (1 + 1e-6) if self.max_time else float("inf")
-        bad = [(s, float(h)) for s, h in zip(subject_ids, horizon.tolist()) if not 0.0 <= h <= high]
-        if bad:
-            listed = ", ".join(f"{s} ({h:.2f})" for s, h in bad)
+        outside = (horizon < 0) | (horizon > high)  # one device sync per step, as any bounds check needs
+        if bool(outside.any()):
+            listed = ", ".join(f"{s} ({h:.2f})" for s, h, o in zip(subject_ids, horizon.tolist(), outside.tolist()) if o)
             raise ValueError(
                 f"subject(s) {listed}: the follow-up {self.covariate_names[self.time_covariate_index]!r} lies outside "
                 f"[0, {self.max_time}] years, the range the processor was pretrained on; pretrain with a longer time "

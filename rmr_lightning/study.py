@@ -257,12 +257,18 @@ def _executor(workers: int) -> Executor | None:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_worker, initargs=(threads,))
 
 
+def _task_rows(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+    """The rows of one task: a reused output folder may hold another task's runs, which are neither
+    resumed nor summarised."""
+    return frame[frame["task"].astype(str) == task].reset_index(drop=True)
+
+
 def run_study(study: Study) -> pd.DataFrame:
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "summary.csv"
     done = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=COLUMNS)
-    mine = done[done["task"].astype(str) == study.task]
+    mine = _task_rows(done, study.task)
     finished = {(r.variant, int(r.n_train), int(r.seed)) for r in mine.itertuples()}
     todo = [r for r in study.runs() if r not in finished]
     console = Console()
@@ -301,7 +307,7 @@ def run_study(study: Study) -> pd.DataFrame:
                 for future in as_completed(futures):
                     record(future.result())
     frame = pd.read_csv(csv)
-    frame = frame[frame["task"].astype(str) == study.task].reset_index(drop=True)
+    frame = _task_rows(frame, study.task)
     shown, measure = frame, study.measure
     if frame["test_mae"].isna().all() and frame["test_mae_followup"].notna().any():
         # scans without baseline values (a manifest without baseline_columns) have no change to score

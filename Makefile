@@ -7,13 +7,15 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+# Exact versions of everything else (what the tests and measurements ran with); empty: pyproject's ranges.
+CONSTRAINTS ?= constraints.txt
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 
-.PHONY: env demo test test-slow test-gpu pretrain pretrain-fkpp pretrain-lesion study-mri study-ct study-lesion bench clean
+.PHONY: env lock demo test test-slow test-gpu pretrain pretrain-fkpp pretrain-lesion study-mri study-ct study-lesion bench clean
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@if [ ! -x $(BIN)/python ]; then \
 	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	    echo "using the system's torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
@@ -24,9 +26,14 @@ $(STAMP): pyproject.toml
 	fi
 	$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+# Rewrite constraints.txt from the environment (after `make env CONSTRAINTS=` and a green `make test`).
+lock:
+	@{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch==|rmr-lightning|pip==|setuptools==|wheel==)'; } > constraints.tmp
+	@mv constraints.tmp constraints.txt && echo "constraints.txt: $$(grep -vc '^#' constraints.txt) packages"
 
 # The main job on the embedded default data: pretrain (unless an artifact exists), then the
 # sample-efficiency study at CPU scale. Writes results/demo/{summary.csv,summary.md,sample_efficiency.png}.

@@ -11,6 +11,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from rmr_lightning.artifact import save_processor_artifact
+from rmr_lightning.environment import run_environment
 
 
 class PretrainingArtifacts(L.Callback):
@@ -86,5 +87,6 @@ class PretrainingArtifacts(L.Callback):
         if fit_stats.is_file():
             metrics.update({k: v for k, v in json.loads(fit_stats.read_text()).items() if k in ("graphs_per_second", "train_seconds", "sha256")})
         metrics["processor"] = type(pl_module.processor).__name__
+        metrics["environment"] = run_environment()  # figures from another CPU or package set differ in the last digits
         (self.dirpath / "metrics.json").write_text(json.dumps(metrics, indent=2))
         rank_zero_info(json.dumps(metrics, indent=2))

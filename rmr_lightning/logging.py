@@ -1,5 +1,6 @@
-"""What every run records: the resolved config (beside the checkpoints and in the logger), the
-identity of the processor artifact, and the W&B run id that lets a resumed run continue its W&B run.
+"""What every run records: the resolved config and the machine and package versions it ran on (beside
+the checkpoints and in the logger), the identity of the processor artifact, and the W&B run id that
+lets a resumed run continue its W&B run.
 
 Patient identifiers never go to a logger: only pseudonymous subject ids from the manifest exist in
 batches, and nothing here logs them.
@@ -7,6 +8,7 @@ batches, and nothing here logs them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,15 @@ import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from rmr_lightning.environment import ENVIRONMENT_FILE, run_environment
+
 WANDB_ID_KEY = "rmr_wandb_run_id"
 
 
 class SaveAndLogConfig(SaveConfigCallback):
-    """LightningCLI's config saver, extended: ``config.yaml`` also beside the checkpoints, and the whole
-    nested config (not only flattened hyperparameters) sent to every logger (rank 0 only)."""
+    """LightningCLI's config saver, extended: ``config.yaml`` and ``environment.json`` also beside the
+    checkpoints, and the whole nested config (not only flattened hyperparameters) and the environment
+    sent to every logger (rank 0 only)."""
 
     _text: str | None = None
 
@@ -30,11 +35,12 @@ class SaveAndLogConfig(SaveConfigCallback):
         else:
             self._write_beside_checkpoints(trainer, text)
         nested = self.config.clone().as_dict()
+        environment = run_environment()
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.config.update({"cli": nested}, allow_val_change=True)
+                logger.experiment.config.update({"cli": nested, "environment": environment}, allow_val_change=True)
             else:
-                logger.log_hyperparams({"cli_config": text})
+                logger.log_hyperparams({"cli_config": text, "environment": environment})
 
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -47,6 +53,7 @@ class SaveAndLogConfig(SaveConfigCallback):
         if dirpath:
             Path(dirpath).mkdir(parents=True, exist_ok=True)
             (Path(dirpath) / self.config_filename).write_text(text)
+            (Path(dirpath) / ENVIRONMENT_FILE).write_text(json.dumps(run_environment(), indent=2))
 
 
 class RunIdentity(L.Callback):

@@ -10,6 +10,7 @@ variant and size, and the ratios the RMR claims rest on) and ``sample_efficiency
 from __future__ import annotations
 
 import gc
+import html
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rmr_lightning.cli import cli_main
+from rmr_lightning.environment import ENVIRONMENT_FILE, run_environment
 from rmr_lightning.plotting import pyplot
 
 COLUMNS = [
@@ -151,6 +153,28 @@ def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
         gc.collect()
 
 
+Cell = tuple[str, int]  # (variant, n_train)
+
+
+def paired_ratios(frame: pd.DataFrame) -> dict[tuple[Cell, Cell], tuple[float, int]]:
+    """The ratios the RMR claims rest on, each of mean test MAE over the seeds both cells have:
+    ``rmr`` against every other variant at the two smallest sizes, and ``rmr`` at n against
+    ``baseline`` at 4n (4x data efficiency). ``{(cell_a, cell_b): (ratio, seeds)}``."""
+    by_seed = frame.groupby(["variant", "n_train", "seed"])["test_mae"].mean()
+    cells = set(by_seed.index.droplevel(2))
+    sizes = sorted(frame["n_train"].unique())
+    pairs = [(("rmr", n), (other, n)) for n in sizes[:2] for other in ("baseline", "scratch", "unfrozen", "random_p")]
+    pairs += [(("rmr", n), ("baseline", 4 * n)) for n in sizes]  # every pair of sizes four-fold apart that ran
+    ratios = {}
+    for a, b in pairs:
+        if a not in cells or b not in cells:
+            continue
+        common = by_seed[a].index.intersection(by_seed[b].index)
+        if not common.empty:
+            ratios[(a, b)] = (float(by_seed[a][common].mean() / by_seed[b][common].mean()), len(common))
+    return ratios
+
+
 def summarise(frame: pd.DataFrame, measure: str = Study.measure) -> str:
     """Markdown: mean +- std of test MAE (change) per variant and size, and the RMR ratios.
 
@@ -173,25 +197,11 @@ def summarise(frame: pd.DataFrame, measure: str = Study.measure) -> str:
             partial = f" ({count} seed{'s' * (count > 1)})" if count < full else ""
             cells.append(f"{mean:.5f} ± {0 if math.isnan(std) else std:.5f}{partial}")
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    by_seed = frame.groupby(["variant", "n_train", "seed"])["test_mae"].mean()
-
-    def ratio(a: tuple[str, int], b: tuple[str, int]) -> str | None:
-        if a not in by_seed.index.droplevel(2) or b not in by_seed.index.droplevel(2):
-            return None
-        common = by_seed[a].index.intersection(by_seed[b].index)
-        if common.empty:
-            return None
-        value = by_seed[a][common].mean() / by_seed[b][common].mean()
-        return f"{value:.3f} ({len(common)} seed{'s' * (len(common) > 1)})"
-
     notes = []
-    for n in sizes[:2]:
-        for other in ("baseline", "scratch", "unfrozen", "random_p"):
-            if (text := ratio(("rmr", n), (other, n))) is not None:
-                notes.append(f"- n={n}: rmr / {other} = {text}")
-    for n in sizes:  # every pair of sizes four-fold apart that the study ran
-        if (text := ratio(("rmr", n), ("baseline", 4 * n))) is not None:
-            notes.append(f"- rmr at n={n} / baseline at n={4 * n} = {text} (<= 1: 4x data efficiency)")
+    for (a, b), (value, seeds) in paired_ratios(frame).items():
+        label = f"n={a[1]}: rmr / {b[0]}" if a[1] == b[1] else f"rmr at n={a[1]} / baseline at n={b[1]}"
+        suffix = " (<= 1: 4x data efficiency)" if a[1] != b[1] else ""
+        notes.append(f"- {label} = {value:.3f} ({seeds} seed{'s' * (seeds > 1)}){suffix}")
     corr = frame.groupby("variant")["test_state_corr"].mean()
     readout = ", ".join(f"{v} {corr[v]:.3f}" for v in variants if v in corr and not math.isnan(corr[v]))
     text = (
@@ -236,6 +246,33 @@ def plot(frame: pd.DataFrame, path: Path, measure: str = Study.measure) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)
+
+
+def log_study_to_wandb(study: Study, frame: pd.DataFrame, out: Path) -> str:
+    """One W&B run per study, in the group of its runs (``study-<task>``): every row of ``summary.csv``
+    as a table, ``sample_efficiency.png``, ``summary.md``, the paired ratios as summary values and the
+    environment. Offline unless the user logged in, like every run. Returns the run's id."""
+    import wandb
+
+    ratio_keys = {}
+    for (a, b), (value, _) in paired_ratios(frame).items():
+        ratio_keys[f"ratio/rmr_n{a[1]}_over_{b[0]}_n{b[1]}"] = value
+    run = wandb.init(
+        project="rmr_lightning", group=f"study-{study.task}", job_type="study-summary", name=f"{study.task}-summary",
+        dir=str(out), config={"study": {k: getattr(study, k) for k in study.__dataclass_fields__}, "environment": run_environment()},
+        reinit="finish_previous",
+    )  # fmt: skip
+    try:
+        shown = frame.astype({"checkpoint": str, "processor_artifact": str, "processor_sha256": str})
+        run.log({
+            "summary_table": wandb.Table(dataframe=shown[COLUMNS]),
+            "sample_efficiency": wandb.Image(str(out / "sample_efficiency.png")),
+            "summary_md": wandb.Html("<pre>" + html.escape((out / "summary.md").read_text()) + "</pre>"),
+        })  # fmt: skip
+        run.summary.update(ratio_keys)
+        return run.id
+    finally:
+        run.finish()
 
 
 def _quiet_worker(threads: int) -> None:
@@ -314,6 +351,9 @@ def run_study(study: Study) -> pd.DataFrame:
         shown, measure = frame.assign(test_mae=frame["test_mae_followup"]), "follow-up value (no baseline values: no change to score)"
     (out / "summary.md").write_text(summarise(shown, measure))
     plot(shown, out / "sample_efficiency.png", measure)
+    (out / ENVIRONMENT_FILE).write_text(json.dumps(run_environment(), indent=2))
+    if study.logger == "wandb":
+        log_study_to_wandb(study, shown, out)
     console.print((out / "summary.md").read_text())
     return frame
 

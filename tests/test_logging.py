@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import torch
 import yaml
 
 from rmr_lightning.cli import cli_main, default_wandb_mode
@@ -43,6 +44,10 @@ def test_natural_run_logs_config_hash_and_variant_to_wandb(tiny_artifact: Path, 
     assert config["processor_sha256"] == cli.model.artifact_sha256 and config["variant"] == "scratch"
     saved = yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())
     assert saved["model"]["init_args"]["processor_artifact"] == str(tiny_artifact)
+    # the machine and package versions beside the config and in the W&B run: which runs should agree bit for bit
+    environment = json.loads((tmp_path / "ckpt" / "environment.json").read_text())
+    assert environment["packages"]["torch"] == torch.__version__ == config["environment"]["packages"]["torch"]
+    assert config["environment"]["torch_threads"] == torch.get_num_threads()
     # our own config.yaml must not set off Lightning's warning about reusing a checkpoint folder
     assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]
     cli.trainer.logger.experiment.finish()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import weakref
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 
 from datamodules.brain_phantom import BrainPhantomDataModule
-from rmr_lightning.study import COLUMNS, Study, parse_study, run_study, summarise
+from rmr_lightning.study import COLUMNS, Study, log_study_to_wandb, paired_ratios, parse_study, plot, run_study, summarise
 from tests.helpers import tiny_natural
 
 
@@ -49,6 +50,7 @@ def test_study_writes_summary_plot_and_resumes(tiny_artifact: Path, tmp_path: Pa
     assert all(Path(p).is_file() for p in frame["checkpoint"])
     assert frame["processor_sha256"].nunique() == 1
     assert (out / "runs" / "rmr_n2_seed0" / "logs").is_dir()
+    assert json.loads((out / "environment.json").read_text())["packages"]["torchio"]
     # a second call finds every run done and trains nothing
     before = (out / "summary.csv").read_text()
     again = run_study(study)
@@ -73,6 +75,28 @@ def test_summary_reports_the_ratios_the_claims_rest_on() -> None:
     assert "(2 seeds)" in text.split("| rmr |")[1].split("\n")[0]
     paired = (1 / 16 + 0.0005) / (2 / 16 + 0.0005)  # seeds 0 and 1 only
     assert f"n=16: rmr / baseline = {paired:.3f} (2 seeds)" in text
+
+
+def test_wandb_study_run_logs_the_table_plot_ratios_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rows = [
+        {c: "" for c in COLUMNS} | {"task": "t", "variant": v, "n_train": n, "seed": seed, "test_mae": scale / n, "test_r2": 0.5,
+                                    "test_mae_followup": 0.01, "test_state_corr": 0.5, "val_mae": 0.01, "seconds": 1.0}
+        for v, scale in (("rmr", 1.0), ("baseline", 2.0)) for n in (8, 16, 64) for seed in (0, 1)
+    ]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    plot(frame, tmp_path / "sample_efficiency.png")
+    (tmp_path / "summary.md").write_text(summarise(frame))
+    study = Study(base_config="configs/natural/brain_mri.yaml", output_dir=str(tmp_path), task="t", logger="wandb")
+    run_id = log_study_to_wandb(study, frame, tmp_path)
+    run_dir = next((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    table = json.loads(next(run_dir.rglob("media/table/summary_table_*.table.json")).read_text())
+    assert table["columns"] == COLUMNS and len(table["data"]) == len(frame)
+    assert next(run_dir.rglob("media/images/sample_efficiency_*.png")).read_bytes() == (tmp_path / "sample_efficiency.png").read_bytes()
+    record = next(run_dir.glob("run-*.wandb")).read_bytes()  # config and summary live in the run's log
+    assert b"ratio/rmr_n8_over_baseline_n8" in record and b"ratio/rmr_n16_over_baseline_n64" in record
+    assert b"study-t" in record and b"cpu_capability" in record
+    assert paired_ratios(frame)[(("rmr", 8), ("baseline", 8))] == (0.5, 2)
 
 
 def test_parse_study_reads_yaml_and_flags() -> None:

@@ -9,6 +9,7 @@ another machine's. Recording this beside every result says which comparison is w
 from __future__ import annotations
 
 import platform
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ ENVIRONMENT_FILE = "environment.json"
 PACKAGES = ("torch", "lightning", "torch-geometric", "torchio", "numpy", "scipy", "nibabel", "nilearn", "SimpleITK", "jsonargparse")
 
 
+@cache  # fixed for the life of the process; read once however many runs a process makes
 def _cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux; ``platform.processor()`` elsewhere)."""
     cpuinfo = Path("/proc/cpuinfo")
@@ -30,6 +32,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@cache
 def _package_version(name: str) -> str | None:
     try:
         return version(name)

@@ -199,9 +199,11 @@ def summarise(frame: pd.DataFrame, measure: str = Study.measure) -> str:
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     notes = []
     for (a, b), (value, seeds) in paired_ratios(frame).items():
-        label = f"n={a[1]}: rmr / {b[0]}" if a[1] == b[1] else f"rmr at n={a[1]} / baseline at n={b[1]}"
-        suffix = " (<= 1: 4x data efficiency)" if a[1] != b[1] else ""
-        notes.append(f"- {label} = {value:.3f} ({seeds} seed{'s' * (seeds > 1)}){suffix}")
+        text = f"{value:.3f} ({seeds} seed{'s' * (seeds > 1)})"
+        if a[1] == b[1]:
+            notes.append(f"- n={a[1]}: rmr / {b[0]} = {text}")
+        else:
+            notes.append(f"- rmr at n={a[1]} / baseline at n={b[1]} = {text} (<= 1: 4x data efficiency)")
     corr = frame.groupby("variant")["test_state_corr"].mean()
     readout = ", ".join(f"{v} {corr[v]:.3f}" for v in variants if v in corr and not math.isnan(corr[v]))
     text = (
@@ -254,9 +256,6 @@ def log_study_to_wandb(study: Study, frame: pd.DataFrame, out: Path) -> str:
     environment. Offline unless the user logged in, like every run. Returns the run's id."""
     import wandb
 
-    ratio_keys = {}
-    for (a, b), (value, _) in paired_ratios(frame).items():
-        ratio_keys[f"ratio/rmr_n{a[1]}_over_{b[0]}_n{b[1]}"] = value
     run = wandb.init(
         project="rmr_lightning", group=f"study-{study.task}", job_type="study-summary", name=f"{study.task}-summary",
         dir=str(out), config={"study": {k: getattr(study, k) for k in study.__dataclass_fields__}, "environment": run_environment()},
@@ -269,7 +268,7 @@ def log_study_to_wandb(study: Study, frame: pd.DataFrame, out: Path) -> str:
             "sample_efficiency": wandb.Image(str(out / "sample_efficiency.png")),
             "summary_md": wandb.Html("<pre>" + html.escape((out / "summary.md").read_text()) + "</pre>"),
         })  # fmt: skip
-        run.summary.update(ratio_keys)
+        run.summary.update({f"ratio/rmr_n{a[1]}_over_{b[0]}_n{b[1]}": value for (a, b), (value, _) in paired_ratios(frame).items()})
         return run.id
     finally:
         run.finish()

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.sampling import check_train_size, cohort_splits, epoch_sampler
-from datamodules.scans import collate_subjects, preprocessing, settings_key, transform_key
+from datamodules.scans import collate_subjects, default_cache_dir, preprocessing, settings_key, transform_key
 from rmr_lightning.algorithms import GraphAlgorithm, NetworkDiffusion
 from rmr_lightning.anatomy import Anatomy, load_anatomy
 from rmr_lightning.batches import ScanBatch
@@ -41,10 +41,6 @@ from rmr_lightning.files import atomic_torch_save
 
 COHORT_VERSION = 9  # bump when rendering changes: the cache key includes it
 COVARIATES = ("age", "horizon")
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RMR_CACHE", Path.home() / ".cache" / "rmr_lightning"))
 
 
 # ---- the hidden disease ----------------------------------------------------------------------------

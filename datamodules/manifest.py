@@ -22,28 +22,31 @@ from __future__ import annotations
 import csv
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import pydicom
-import SimpleITK as sitk
 import torch
 import torchio as tio
-from pydicom.misc import is_dicom
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from datamodules.freesurfer import LABEL_SCHEMES, scheme_absent
 from datamodules.sampling import epoch_sampler, training_subset
-from datamodules.scans import CT_WINDOW, MODALITIES, collate_subjects, preprocessing
+from datamodules.scan_cache import ScanCache, ScanSource
+from datamodules.scan_checks import Header, dicom_files, dicom_fingerprint, dicom_problems, same_space, volume_header
+from datamodules.scans import CT_WINDOW, MODALITIES, collate_subjects, default_cache_dir, preprocessing, transform_key
+from rmr_lightning.files import atomic_write_csv
 
 FILE_COLUMNS = ("image", "label_map")
-#: Largest difference (mm, or mm per voxel) tolerated between the affines of image and label map.
-AFFINE_ATOL = 1e-3
+#: The report of subjects left out with ``on_bad_subject: skip``, in the run folder.
+BAD_SUBJECTS_FILE = "bad_subjects.csv"
 #: How many problems a ``ManifestError`` spells out; the rest are counted.
 MAX_REPORTED = 20
 _MISSING = {"", "na", "nan", "n/a", "none", "null"}
@@ -71,8 +74,7 @@ class ManifestRow:
     """One validated manifest row."""
 
     subject_id: str
-    image: Path
-    label_map: Path
+    source: ScanSource  # image, label map, label scheme and the files' fingerprint
     covariates: Tensor  # (C,) float32
     target: Tensor  # (R, 2) float32: [baseline, follow-up]; NaN where unknown
 
@@ -81,17 +83,13 @@ class ManifestRow:
         """Has at least one follow-up value, so it can be trained or evaluated on."""
         return bool(torch.isfinite(self.target[:, 1]).any())
 
-    def subject(self) -> tio.Subject:
-        """The TorchIO subject (images are read lazily, in the loader's workers)."""
-        num_regions = self.target.shape[0]
-        return tio.Subject(
-            image=tio.ScalarImage(self.image),
-            label_map=tio.LabelMap(self.label_map),
-            covariates=self.covariates.clone(),
-            target=self.target.clone(),
-            state=torch.full((num_regions,), float("nan")),  # no hidden state for real scans
-            subject_id=self.subject_id,
-        )
+    @property
+    def image(self) -> Path:
+        return self.source.image
+
+    @property
+    def label_map(self) -> Path:
+        return self.source.label_map
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -152,18 +150,6 @@ def _numbers(row: pd.Series, columns: list[str], required: bool) -> tuple[list[f
     return values, issues
 
 
-def _dicom_files(path: Path) -> tuple[list[str], str | None]:
-    """The DICOM files TorchIO would read for ``path`` (a series folder or one file), or why none."""
-    if not path.is_dir():
-        return ([str(path)] if is_dicom(path) else []), None
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-    if len(series) == 0:
-        return [], "the folder holds no DICOM series"
-    if len(series) > 1:  # TorchIO would silently read only the first one
-        return [], f"the folder holds {len(series)} DICOM series; put each series in its own folder"
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])), None
-
-
 def _normalise_name(value: object) -> str:
     return " ".join(str(value).replace("^", " ").split()).casefold()
 
@@ -186,60 +172,6 @@ def _identifies_patient(files: list[str], subject_id: str) -> bool | None:
     return False
 
 
-def _load(path: Path, kind: type[tio.Image], column: str, dicom: bool) -> tuple[tio.Image | None, list[Issue]]:
-    """Read an image with TorchIO; DICOM errors are summarised without the reader's text (tags)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchIO warns with SimpleITK's text before trying NiBabel
-            image = kind(path)
-            image.load()
-    except Exception as e:
-        reason = _first_line(e, limit=100).replace(str(path), "the file")
-        detail = type(e).__name__ if dicom else f"{type(e).__name__}: {reason}"
-        what = "could not be read as a DICOM series" if dicom else "could not be read as an image"
-        return None, [(column, path, f"{what} ({detail})")]
-    if image.num_channels != 1:
-        return None, [(column, path, f"has {image.num_channels} channels, expected 1")]
-    return image, []
-
-
-def _check_image(image: tio.Image, path: Path) -> list[Issue]:
-    data = image.data
-    if data.is_floating_point() and not bool(torch.isfinite(data).all()):
-        return [("image", path, "contains NaN or infinite intensities")]
-    return []
-
-
-def _check_labels(labels: tio.Image, path: Path, num_regions: int) -> list[Issue]:
-    """Labels must be integers in 0..R with at least one brain voxel (MRI is normalised over it)."""
-    data = labels.data
-    if data.is_floating_point() and not bool((data == data.round()).all()):  # NaN fails too
-        return [("label_map", path, "has non-integer values; a label map holds region numbers 0..R")]
-    low, high = int(data.min()), int(data.max())
-    issues: list[Issue] = []
-    if low < 0:
-        issues.append(("label_map", path, f"has negative label {low}; labels must lie in 0..{num_regions}"))
-    if high > num_regions:
-        what = f"has label {high} > R = {num_regions} (one region per target column); allowed: 0..{num_regions}"
-        issues.append(("label_map", path, what))
-    if high <= 0:
-        issues.append(("label_map", path, "has no region voxels (all background)"))
-    return issues
-
-
-def _check_space(image: tio.Image, labels: tio.Image, label_path: Path) -> list[Issue]:
-    """Image and label map must share the voxel grid: same spatial shape, affines within tolerance."""
-    if image.spatial_shape != labels.spatial_shape:
-        return [("label_map", label_path,
-                 f"spatial shape {labels.spatial_shape} differs from the image's {image.spatial_shape}")]
-    gap = float(np.abs(image.affine - labels.affine).max())
-    if gap > AFFINE_ATOL:
-        return [("label_map", label_path,
-                 f"affine differs from the image's by up to {gap:.3g} mm (tolerance {AFFINE_ATOL}); "
-                 "the label map must be in the image's voxel space")]
-    return []
-
-
 @dataclass
 class _RowCheck:
     """Everything found about one row: the parsed row if it is usable, and its issues."""
@@ -257,79 +189,102 @@ class _RowCheck:
         return f"subject_id {self.subject_id!r} (line {self.line})"
 
     def messages(self) -> list[str]:
+        """For the console: full paths."""
         return [
             f"{self.who()}, column {column!r}" + (f", file '{file}'" if file is not None else "") + f": {what}"
             for column, file, what in self.issues
         ]
 
+    def records(self, folder: Path) -> list[dict[str, str]]:
+        """For files we write: the subject by pseudonym (or line), files relative to the manifest's folder."""
+        name = "" if self.identifies_patient else self.subject_id
+        return [
+            {"line": str(self.line), "subject_id": name, "column": column, "file": _relative(file, folder), "problem": what}
+            for column, file, what in self.issues
+        ]
 
-def _check_files(check: _RowCheck, paths: dict[str, Path | None], num_regions: int) -> list[Issue]:
-    """Existence, DICOM pseudonym rule, readability, label values, shared space."""
+
+def _relative(file: Path | None, folder: Path) -> str:
+    if file is None:
+        return ""
+    try:
+        return os.path.relpath(file, folder)
+    except ValueError:  # another drive (Windows)
+        return file.name
+
+
+def _file_header(column: str, path: Path, check: _RowCheck) -> tuple[Header | None, list[Issue]]:
+    """Header-level checks of one file: NIfTI/MGH sizes, DICOM slices and the pseudonym rule."""
+    files, why = dicom_files(path)
+    if why is not None:
+        return None, [(column, path, why)]
+    if not files:
+        header, problems = volume_header(path)
+        return header, [(column, path, p) for p in problems]
+    issues = [(column, path, p) for p in dicom_problems(path, files)]
+    identifies = _identifies_patient(files, check.subject_id)
+    if identifies is None:
+        issues.append((column, path, "has an unreadable DICOM header"))
+    elif identifies:
+        check.identifies_patient = True
+        issues.append((column, path, "subject_id equals the DICOM PatientID or PatientName; "
+                       "subject_id must be a pseudonym: replace it in the manifest"))  # fmt: skip
+    return Header((0, 0, 0), np.eye(4), 1, dicom_fingerprint(files)), issues  # space checked when read
+
+
+def _check_files(check: _RowCheck, paths: dict[str, Path | None]) -> tuple[str, list[Issue]]:
+    """Existence and headers of the row's files; returns the files' fingerprint and the issues."""
     issues: list[Issue] = []
-    dicom: dict[str, bool] = {}
+    headers: dict[str, Header] = {}
     for column, path in paths.items():
         if path is None:
-            issues.append((column, None, "is empty; give the path of a NIfTI file or DICOM folder"))
+            issues.append((column, None, "is empty; give the path of a NIfTI/MGH file or DICOM folder"))
         elif not path.exists():
             issues.append((column, path, "does not exist"))
         else:
-            files, why = _dicom_files(path)
-            dicom[column] = bool(files) or why is not None
-            if why is not None:
-                issues.append((column, path, why))
-            if files:
-                identifies = _identifies_patient(files, check.subject_id)
-                if identifies is None:
-                    issues.append((column, path, "has an unreadable DICOM header"))
-                elif identifies:
-                    check.identifies_patient = True
-                    issues.append((column, path, "subject_id equals the DICOM PatientID or PatientName; "
-                                   "subject_id must be a pseudonym: replace it in the manifest"))
-    if issues:
-        return issues
-    image, image_issues = _load(paths["image"], tio.ScalarImage, "image", dicom["image"])
-    labels, label_issues = _load(paths["label_map"], tio.LabelMap, "label_map", dicom["label_map"])
-    issues = image_issues + label_issues
-    if image is not None:
-        issues += _check_image(image, paths["image"])
-    if labels is not None:
-        issues += _check_labels(labels, paths["label_map"], num_regions)
-    if image is not None and labels is not None:
-        issues += _check_space(image, labels, paths["label_map"])
-    return issues
+            header, found = _file_header(column, path, check)
+            issues += found
+            if header is not None:
+                headers[column] = header
+    image, labels = headers.get("image"), headers.get("label_map")
+    if not issues and image is not None and labels is not None and image.shape != (0, 0, 0) != labels.shape:
+        if (what := same_space(image, labels)) is not None:
+            issues.append(("label_map", paths["label_map"], what))
+    return "\n".join(h.fingerprint for h in headers.values()), issues
 
 
-def _check_row(
-    line: int,
-    row: pd.Series,
-    folder: Path,
-    targets: list[str],
-    baselines: list[str] | None,
-    covariates: list[str],
-) -> _RowCheck:
-    """Validate one row; the column lists hold only columns present in the header (others were reported)."""
+def _check_row(line: int, row: pd.Series, folder: Path, columns: _Columns, default_scheme: str) -> _RowCheck:
+    """Validate one row from its cells and its files' headers (no voxel is decoded here)."""
     check = _RowCheck(line=line, subject_id=row["subject_id"])
-    issues: list[Issue] = []
-    if not check.subject_id:
-        issues.append(("subject_id", None, "is empty"))
+    issues: list[Issue] = [] if check.subject_id else [("subject_id", None, "is empty")]
+    scheme = row.get("label_scheme", "") or default_scheme
+    if scheme not in LABEL_SCHEMES:
+        issues.append(("label_scheme", None, f"{scheme[:40]!r} is not one of {list(LABEL_SCHEMES)}"))
     paths = {c: (_resolve(row[c], folder) if row[c] else None) for c in FILE_COLUMNS}
-    issues += _check_files(check, paths, len(targets))
-    covariate_values, covariate_issues = _numbers(row, covariates, required=True)
-    follow_up, target_issues = _numbers(row, targets, required=False)
-    baseline, baseline_issues = [math.nan] * len(targets), []
-    if baselines:
-        baseline, baseline_issues = _numbers(row, baselines, required=False)
-    issues += covariate_issues + target_issues + baseline_issues
-    check.issues = issues
-    if not issues:
+    fingerprint, file_issues = _check_files(check, paths)
+    covariate_values, covariate_issues = _numbers(row, columns.covariates, required=True)
+    follow_up, target_issues = _numbers(row, columns.targets, required=False)
+    baseline, baseline_issues = [math.nan] * len(columns.targets), []
+    if columns.baselines:
+        baseline, baseline_issues = _numbers(row, columns.baselines, required=False)
+    check.issues = issues + file_issues + covariate_issues + target_issues + baseline_issues
+    if not check.issues:
         check.row = ManifestRow(
             subject_id=check.subject_id,
-            image=paths["image"],
-            label_map=paths["label_map"],
+            source=ScanSource(paths["image"], paths["label_map"], scheme, fingerprint),
             covariates=torch.tensor(covariate_values, dtype=torch.float32),
             target=torch.tensor([baseline, follow_up], dtype=torch.float32).T.contiguous(),  # (R, 2)
         )
     return check
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The manifest's columns by role (only those present in the header; the rest were reported)."""
+
+    targets: list[str]
+    baselines: list[str] | None
+    covariates: list[str]
 
 
 def _missing_columns(frame: pd.DataFrame, manifest: Path, groups: dict[str, list[str]]) -> list[str]:
@@ -358,19 +313,29 @@ def _duplicates(checks: list[_RowCheck]) -> list[str]:
     return problems
 
 
+def _baseline_columns(frame: pd.DataFrame, targets: list[str], baselines: list[str] | None) -> list[str] | None:
+    """The baseline columns: as configured, else ``base_<region>`` when the header has one for every region
+    (as ``rmr-data bids`` writes them), else none."""
+    if baselines is not None:
+        return baselines
+    auto = [f"base_{t}" for t in targets]
+    return auto if all(c in frame.columns for c in auto) else None
+
+
 def read_manifest(
     manifest: str | Path,
     target_columns: list[str],
     baseline_columns: list[str] | None,
     covariate_columns: list[str],
-    require_labels: bool,
-) -> list[ManifestRow]:
-    """Parse and validate a manifest; raise one ``ManifestError`` listing every problem found.
+    label_scheme: str = "dk84",
+) -> tuple[list[_RowCheck], list[str]]:
+    """Parse a manifest and check every row from its cells and file headers (seconds for 10,000 rows).
 
-    Reads every image and label map once (TorchIO; SimpleITK for DICOM) and writes nothing.
+    Returns the row checks and the problems of the manifest as a whole; writes nothing.
     """
     manifest = Path(os.path.abspath(Path(manifest).expanduser()))  # rows stay valid if the cwd changes
     frame = _read_csv(manifest)
+    baseline_columns = _baseline_columns(frame, target_columns, baseline_columns)
     groups = {"required": ["subject_id", *FILE_COLUMNS], "target": target_columns, "covariate": covariate_columns}
     if baseline_columns:
         groups["baseline"] = baseline_columns
@@ -379,21 +344,13 @@ def read_manifest(
         raise ManifestError(manifest, problems)  # rows cannot be checked without their files
     if frame.empty:
         raise ManifestError(manifest, problems + ["the manifest has no rows"])
-    targets, covariates = _present(frame, target_columns), _present(frame, covariate_columns)
     baselines = _present(frame, baseline_columns) if baseline_columns else None
+    columns = _Columns(_present(frame, target_columns), baselines, _present(frame, covariate_columns))
     checks = [
-        _check_row(index + 2, row, manifest.parent, targets, baselines, covariates)
+        _check_row(index + 2, row, manifest.parent, columns, label_scheme)
         for index, row in frame.iterrows()  # line 1 is the header
     ]
-    for check in checks:
-        problems += check.messages()
-    problems += _duplicates(checks)
-    rows = [c.row for c in checks if c.row is not None]
-    if require_labels and not problems and not any(r.labelled for r in rows):
-        problems.append("target columns: no row has a follow-up value, so there is nothing to train on")
-    if problems:
-        raise ManifestError(manifest, problems)
-    return rows
+    return checks, problems + _duplicates(checks)
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -434,23 +391,28 @@ def _subset(train: list[ManifestRow], train_size: int | None, subset_seed: int) 
     return [ordered[i] for i in training_subset(len(ordered), train_size, subset_seed)]
 
 
-class PreprocessedSubjects(Dataset):
-    """Subjects read and preprocessed once, then served from memory. The manifest's preprocessing is
-    deterministic, so repeating it every epoch (decompressing NIfTI, resampling) costs only time: 400
-    steps on 1 mm nodule patches took ~105 s per run without this cache. With loader workers each worker
-    keeps the subjects it has served (the workers persist across epochs)."""
+class CachedScans(Dataset):
+    """Subjects served from the scan cache: each item maps one small file, so memory stays flat however many
+    subjects the manifest lists, and loader workers and ranks share the preprocessing done once."""
 
-    def __init__(self, subjects: tio.SubjectsDataset) -> None:
-        self.subjects = subjects
-        self.cache: dict[int, tio.Subject] = {}
+    def __init__(self, rows: list[ManifestRow], cache: ScanCache) -> None:
+        self.rows, self.cache = rows, cache
 
     def __len__(self) -> int:
-        return len(self.subjects)
+        return len(self.rows)
 
     def __getitem__(self, index: int) -> tio.Subject:
-        if index not in self.cache:
-            self.cache[index] = self.subjects[index]
-        return self.cache[index]
+        row = self.rows[index]
+        scan = self.cache.load(row.source)
+        affine = scan["affine"].numpy()
+        return tio.Subject(
+            image=tio.ScalarImage(tensor=scan["image"], affine=affine),
+            label_map=tio.LabelMap(tensor=scan["label_map"], affine=affine),
+            covariates=row.covariates,
+            target=row.target,
+            state=torch.full((row.target.shape[0],), float("nan")),  # no hidden state for real scans
+            subject_id=row.subject_id,
+        )
 
 
 # ------------------------------------------------------------------------------------- datamodule
@@ -458,6 +420,10 @@ class PreprocessedSubjects(Dataset):
 
 class ManifestDataModule(L.LightningDataModule):
     """Scans listed in a CSV manifest (see the module docstring), as ``ScanBatch`` batches.
+
+    ``setup`` checks every row from its cells and file headers, then makes sure every scan is in the
+    preprocessing cache, checking its voxels as it enters; a bad subject stops the run with every
+    problem listed, or with ``on_bad_subject: skip`` is left out and listed in ``bad_subjects.csv``.
 
     Args:
         manifest: CSV of subjects to train, validate and test on (split by ``seed``).
@@ -468,18 +434,22 @@ class ManifestDataModule(L.LightningDataModule):
         ct_window: (low, high) Hounsfield units mapped to [0, 1] for CT.
         target_columns: follow-up value per region, in region order (label r = column r-1);
             default the 84 DK84 region names. R = len(target_columns).
-        baseline_columns: baseline value per region, same order; absent -> baseline is NaN.
+        baseline_columns: baseline value per region, same order; default ``base_<region>`` when the
+            manifest has all of them (as ``rmr-data bids`` writes), else none (baseline NaN).
         covariate_columns: float covariates, in this order in ``ScanBatch.covariates``.
+        label_scheme: numbering of the label maps: ``dk84`` (label r is region r), ``aparc+aseg``
+            (FreeSurfer) or ``aparc.DKTatlas+aseg`` (FastSurfer); a ``label_scheme`` column overrides it per row.
+        on_bad_subject: ``error`` (stop, listing every problem) or ``skip`` (leave bad subjects out, list
+            them in ``<default_root_dir>/bad_subjects.csv``, and go on).
         val_fraction: share of labelled subjects for validation (rounded; 0 -> no validation).
         test_fraction: share of labelled subjects for testing.
         seed: seed of the split.
         train_size: train on this many of the training split's subjects, drawn with ``subset_seed``
-            (None: all); ``rmr-study`` sets both, so the sample-efficiency study runs on your scans too,
-            with the validation and test subjects fixed by ``seed``.
+            (None: all); ``rmr-study`` sets both, with the validation and test subjects fixed by ``seed``.
         batch_size: subjects per batch.
-        num_workers: DataLoader worker processes (reading and resampling run there).
-        cache: keep each preprocessed subject in memory after its first read (about 12 bytes per voxel of
-            ``shape``: 1.5 MB for a 4 mm brain, 0.4 MB for a 32^3 patch); false re-reads the files every epoch.
+        num_workers: worker processes for loading and for preprocessing scans into the cache.
+        cache_dir: the preprocessing cache (default ``$RMR_CACHE``, else ~/.cache/rmr_lightning), shared
+            by runs, workers and ranks; about 5 bytes per voxel of ``shape`` per scan.
     """
 
     def __init__(
@@ -493,6 +463,8 @@ class ManifestDataModule(L.LightningDataModule):
         target_columns: list[str] | None = None,
         baseline_columns: list[str] | None = None,
         covariate_columns: list[str] = ["age", "horizon"],  # noqa: B006 (copied, never mutated)
+        label_scheme: str = "dk84",
+        on_bad_subject: Literal["error", "skip"] = "error",
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         seed: int = 0,
@@ -500,20 +472,24 @@ class ManifestDataModule(L.LightningDataModule):
         subset_seed: int = 0,
         batch_size: int = 4,
         num_workers: int = 0,
-        cache: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self._targets = list(target_columns) if target_columns is not None else dk84_region_names()
         self._baselines = list(baseline_columns) if baseline_columns is not None else None
         self._covariates = list(covariate_columns)
-        _check_arguments(
-            self._targets, self._baselines, self._covariates, modality, shape, val_fraction, test_fraction, batch_size
-        )
+        _check_arguments(self._targets, self._baselines, self._covariates, modality, shape, val_fraction, test_fraction, batch_size)
+        if label_scheme not in LABEL_SCHEMES or on_bad_subject not in ("error", "skip"):
+            raise ValueError(f"label_scheme must be one of {LABEL_SCHEMES} and on_bad_subject 'error' or 'skip', "
+                             f"got {label_scheme!r}, {on_bad_subject!r}")  # fmt: skip
         self.save_hyperparameters()
         # preprocessing() copies the image's affine onto the label map: validation accepted it within AFFINE_ATOL
         self.transform = preprocessing(spacing, shape, modality, tuple(ct_window))
+        folder = Path(cache_dir) if cache_dir else default_cache_dir() / "scans"
+        self.cache = ScanCache(folder, self.transform, transform_key(self.transform), self._targets)
         self.rows: dict[str, list[ManifestRow]] = {}  # split name -> rows
-        self.datasets: dict[str, tio.SubjectsDataset] = {}
+        self.datasets: dict[str, CachedScans] = {}
+        self.bad_subjects: list[dict[str, str]] = []  # rows left out with on_bad_subject: skip
 
     @property
     def region_names(self) -> list[str]:
@@ -532,8 +508,44 @@ class ManifestDataModule(L.LightningDataModule):
         """Subject ids per split (train, val, test, predict) after ``setup``."""
         return {name: [r.subject_id for r in rows] for name, rows in self.rows.items()}
 
+    def inspect(self, manifest: str, show_progress: bool = True) -> tuple[list[_RowCheck], list[str]]:
+        """Every check of a manifest, headers and then voxels (as scans enter the cache); nothing raised.
+        Returns the row checks (usable rows have ``row`` set) and the manifest-wide problems."""
+        checks, problems = read_manifest(manifest, self._targets, self._baselines, self._covariates, self.hparams.label_scheme)
+        usable = [c for c in checks if c.row is not None]
+        found = self.cache.ensure([c.row.source for c in usable], self.hparams.num_workers, show_progress)
+        for check, scan_problems in zip(usable, found):
+            if scan_problems:
+                files = {"image": check.row.image, "label_map": check.row.label_map}
+                check.issues += [(column, files.get(column), what) for column, what in scan_problems]
+                check.row = None
+        return checks, problems
+
     def _read(self, manifest: str, require_labels: bool) -> list[ManifestRow]:
-        return read_manifest(manifest, self._targets, self._baselines, self._covariates, require_labels)
+        """Validated rows; raise one ``ManifestError`` listing every problem, unless bad subjects are skipped."""
+        checks, problems = self.inspect(manifest, show_progress=_is_rank_zero())
+        bad = [c for c in checks if c.issues]
+        if bad and self.hparams.on_bad_subject == "error":
+            problems = problems + [m for c in bad for m in c.messages()]
+        rows = [c.row for c in checks if c.row is not None]
+        if require_labels and not problems and not any(r.labelled for r in rows):
+            problems.append("target columns: no usable row has a follow-up value, so there is nothing to train on")
+        if problems:
+            raise ManifestError(manifest, problems)
+        if bad:
+            folder = Path(os.path.abspath(manifest)).parent
+            self.bad_subjects += [record for c in bad for record in c.records(folder)]
+            rank_zero_warn(f"{len(bad)} subject(s) of {manifest} left out (on_bad_subject: skip):\n"
+                           + "\n".join(m for c in bad for m in c.messages()[:1]))  # fmt: skip
+            self._write_report()
+        _warn_absent(rows, self._targets)
+        return rows
+
+    def _write_report(self) -> None:
+        """``bad_subjects.csv`` in the run folder: pseudonyms and paths relative to the manifest only."""
+        trainer = self.trainer
+        if trainer is not None and trainer.is_global_zero and self.bad_subjects:
+            atomic_write_csv(Path(trainer.default_root_dir) / BAD_SUBJECTS_FILE, pd.DataFrame(self.bad_subjects))
 
     def setup(self, stage: str | None = None) -> None:
         """Validate and split; idempotent. Fitting also validates the predict manifest, before training."""
@@ -561,9 +573,8 @@ class ManifestDataModule(L.LightningDataModule):
     def _store(self, split: dict[str, list[ManifestRow]]) -> None:
         for name, rows in split.items():
             self.rows[name] = rows
-            if rows:  # TorchIO refuses empty datasets; empty val/test splits have no loader
-                subjects = tio.SubjectsDataset([r.subject() for r in rows], transform=self.transform)
-                self.datasets[name] = PreprocessedSubjects(subjects) if self.hparams.cache else subjects
+            if rows:  # empty val/test splits have no loader
+                self.datasets[name] = CachedScans(rows, self.cache)
 
     def _loader(self, name: str, shuffle: bool = False) -> tio.SubjectsLoader:
         workers = self.hparams.num_workers
@@ -587,6 +598,19 @@ class ManifestDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> tio.SubjectsLoader:
         return self._loader("predict")
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def _warn_absent(rows: list[ManifestRow], regions: list[str]) -> None:
+    """Say once which regions a label scheme never labels (FastSurfer's DKT atlas lacks six DK regions)."""
+    for scheme in sorted({r.source.scheme for r in rows}):
+        absent = scheme_absent(scheme, regions)
+        if absent:
+            rank_zero_warn(f"label scheme {scheme} does not label {', '.join(absent)}: these regions are absent from "
+                           "its label maps and are predicted without image evidence (flagged in predictions.csv)")  # fmt: skip
 
 
 def _check_arguments(

@@ -9,19 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torchio as tio
 
 from rmr_lightning.batches import ScanBatch
 
-__all__ = ["CT_WINDOW", "MODALITIES", "ScanBatch", "collate_subjects", "ct_windowing", "preprocessing"]
+__all__ = ["CT_WINDOW", "MODALITIES", "ScanBatch", "collate_subjects", "ct_windowing", "default_cache_dir", "preprocessing"]
 
 MODALITIES = ("mri", "ct")
 #: Brain window for CT in Hounsfield units (level 40, width 80).
 CT_WINDOW = (0.0, 80.0)
+
+
+def default_cache_dir() -> Path:
+    """Where preprocessed data are cached, shared by runs, workers and ranks: ``$RMR_CACHE`` or ~/.cache."""
+    return Path(os.environ.get("RMR_CACHE", Path.home() / ".cache" / "rmr_lightning"))
 
 
 def transform_key(transform: tio.Transform) -> str:

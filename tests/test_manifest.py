@@ -20,6 +20,7 @@ from jsonargparse import ArgumentParser
 
 import datamodules.manifest as manifest_module
 from datamodules.manifest import ManifestDataModule, ManifestError
+from datamodules.scan_cache import ScanCache
 from datamodules.scans import ScanBatch
 
 REGIONS = ["reg_a", "reg_b", "reg_c"]
@@ -276,20 +277,26 @@ def test_train_size_draws_a_seeded_subset_of_the_training_split_only(cohort):
         splits(train_size=7)
 
 
-@pytest.mark.parametrize("cache", [True, False])
-def test_subjects_are_read_and_preprocessed_once_when_cached(cohort, monkeypatch, cache):
+def test_scans_are_preprocessed_once_across_runs_and_again_when_a_file_changes(cohort, monkeypatch, tmp_path):
     folder, rows = cohort(6)
-    reads = []
-    original = tio.SubjectsDataset.__getitem__
-    monkeypatch.setattr(tio.SubjectsDataset, "__getitem__", lambda self, i: reads.append(i) or original(self, i))
-    dm = ManifestDataModule(str(write_manifest(folder / "m.csv", rows)), cache=cache, val_fraction=0, test_fraction=0, **SMALL)
-    dm.setup("fit")
+    builds = []
+    original = ScanCache.build
+    monkeypatch.setattr(ScanCache, "build", lambda self, source: builds.append(source.image.name) or original(self, source))
+    manifest = str(write_manifest(folder / "m.csv", rows))
+    settings = {"val_fraction": 0, "test_fraction": 0, "cache_dir": str(tmp_path / "cache"), **SMALL}
     epochs = []
-    for _ in range(2):
+    for _ in range(2):  # two runs with the same settings: the second reads the cache only
+        dm = ManifestDataModule(manifest, **settings)
+        dm.setup("fit")
         batches = list(dm.train_dataloader())
         epochs.append({sid: img for b in batches for sid, img in zip(b.subject_ids, b.image)})
-    assert len(reads) == (6 if cache else 12)
+    assert len(builds) == 6
     assert epochs[0].keys() == epochs[1].keys() and all(torch.equal(epochs[0][k], epochs[1][k]) for k in epochs[0])
+    synthetic_row(folder, 3)  # rewrites sub-03's files (new modification time): never served stale
+    os.utime(folder / rows[3]["image"], ns=(1, 1))
+    ManifestDataModule(manifest, **settings).setup("fit")
+    assert builds[6:] == ["sub-03_t1.nii.gz"]
+    assert ManifestDataModule(manifest, **(settings | {"spacing": 8.0})).setup("fit") is None and len(builds) == 13
 
 
 def test_tiny_cohort_has_no_validation_loader(cohort):

@@ -17,6 +17,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import torch
 import torchio as tio
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -24,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.freesurfer import label_lookup, relabel
-from datamodules.scan_checks import image_content, label_content, preprocessed_content, same_space, Header
+from datamodules.scan_checks import Header, brain_content, image_content, label_content, same_space
 from rmr_lightning.files import atomic_torch_save, atomic_write_json
 
 #: Bump when what an entry holds, or how it is made, changes: old entries are then never read.
@@ -98,6 +100,9 @@ class ScanCache:
         if problems:
             return problems
         regions = relabel(labels.data, self._lookup(source.scheme))
+        if problems := [("image", what) for what in brain_content(image.data, regions)]:
+            return problems
+        image = tio.ScalarImage(tensor=image.data.float(), affine=image.affine)
         subject = tio.Subject(image=image, label_map=tio.LabelMap(tensor=regions.to(torch.int16), affine=labels.affine))
         try:
             with warnings.catch_warnings():
@@ -105,7 +110,7 @@ class ScanCache:
                 out = self.transform(subject)
         except Exception as e:  # e.g. a normalisation mask that selects nothing
             return [("image", f"preprocessing failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")]
-        result = [("image", what) for what in preprocessed_content(out["image"].data, out["label_map"].data)]
+        result = [("image", what) for what in brain_content(out["image"].data, out["label_map"].data, " after preprocessing")]
         if result:
             return result
         small = torch.uint8 if len(self.region_names) < 256 else torch.int16
@@ -155,13 +160,25 @@ class _BuildJobs(Dataset):
         return done if done is not None else self.cache.build(source)
 
 
+#: Files read with nibabel, so the voxels are seen as stored: SimpleITK (TorchIO's first reader) turns NaN into 0.
+_NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh", ".img", ".hdr")
+
+
 def _read(kind: type[tio.Image], path: Path, column: str) -> tuple[tio.Image | None, list[Problem]]:
-    """Read an image with TorchIO; errors are summarised without the reader's text (DICOM tags, paths)."""
+    """Read an image (nibabel for NIfTI/MGH, TorchIO for DICOM); errors are summarised without the reader's
+    text, which may hold DICOM tags or paths."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchIO warns with SimpleITK's text before trying NiBabel
-            image = kind(path)
-            image.load()
+            if path.is_file() and path.name.lower().endswith(_NIBABEL_SUFFIXES):
+                volume = nib.load(path)
+                voxels = np.asanyarray(volume.dataobj)
+                data = torch.from_numpy(voxels.astype(voxels.dtype.newbyteorder("="), copy=True))  # native byte order
+                data = data.unsqueeze(0) if data.ndim == 3 else data.movedim(-1, 0)  # (C, X, Y, Z)
+                image = kind(tensor=data, affine=np.asarray(volume.affine, dtype=np.float64))
+            else:
+                image = kind(path)
+                image.load()
     except Exception as e:
         return None, [(column, f"could not be read as an image ({type(e).__name__})")]
     if image.num_channels != 1:

@@ -234,20 +234,14 @@ def label_content(data: Tensor, num_regions: int, scheme: str) -> list[str]:
     return []
 
 
-def preprocessed_content(image: Tensor, regions: Tensor) -> list[str]:
-    """After preprocessing: finite voxels, region voxels left inside the field of view, and an image that
-    is not constant over them (a scan empty where the brain should be)."""
+def brain_content(image: Tensor, regions: Tensor, when: str = "") -> list[str]:
+    """Region voxels must exist and the image must not be constant over them (a scan empty where the label
+    map puts the brain, or finite voxels lost by preprocessing); ``when`` says at which stage."""
     if not bool((regions > 0).any()):
-        return ["has no region voxels after mapping its labels to regions and cropping (all background)"]
+        return [f"has no region voxels{when} (all background after mapping its labels to regions)"]
     if not bool(torch.isfinite(image).all()):
-        return ["gives NaN or infinite intensities after preprocessing (blank inside preprocessing's mask?)"]
-    inside = image[regions.expand_as(image) > 0]
+        return [f"has NaN or infinite intensities{when}"]
+    inside = image[regions.expand_as(image) > 0].double()
     if inside.numel() < 2 or math.isclose(float(inside.std()), 0.0, abs_tol=1e-12):
-        return ["is constant over the brain regions after preprocessing: empty where the label map puts the brain"]
+        return [f"is constant over the brain regions{when}: empty where the label map puts the brain"]
     return []
-
-
-__all__ = [
-    "AFFINE_ATOL", "Header", "dicom_files", "dicom_fingerprint", "dicom_problems", "image_content", "label_content",
-    "preprocessed_content", "same_space", "volume_header",
-]  # fmt: skip

@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 
-.PHONY: env lock demo test test-slow test-gpu pretrain pretrain-fkpp pretrain-lesion study-mri study-ct study-lesion bench clean
+.PHONY: env lock demo test test-slow test-gpu bench-data pretrain pretrain-fkpp pretrain-lesion study-mri study-ct study-lesion bench clean
 
 env: $(STAMP)
 
@@ -83,6 +83,10 @@ study-ct: env
 study-lesion: env
 	@test -f results/pretrain_lesion/processor.pt || $(MAKE) pretrain-lesion
 	$(BIN)/rmr-study --config configs/study/lesion_ct.yaml
+
+# The manifest data path at cohort scale: validation, preprocessing cache, memory, cached vs resident steps.
+bench-data: env
+	$(BIN)/python scripts/bench_data.py --subjects 200,2000 --spacing 2 --out results/bench/data_path.json
 
 bench: env
 	$(BIN)/python scripts/bench_processors.py

@@ -20,6 +20,7 @@ and every problem found is reported at once in a ``ManifestError``.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -96,15 +97,33 @@ class ManifestRow:
 
 
 def _read_csv(manifest: Path) -> pd.DataFrame:
-    """All cells as stripped strings (so ``007`` stays ``007`` and empty stays empty)."""
+    """All cells as stripped strings (so ``007`` stays ``007`` and empty stays empty), indexed by the line
+    each row starts on; a row with more or fewer cells than the header, or a repeated column, is refused."""
     if not manifest.is_file():
         raise ManifestError(manifest, [f"manifest file {str(manifest)!r} does not exist"])
     try:
-        frame = pd.read_csv(manifest, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ManifestError(manifest, [f"not a readable CSV file ({type(e).__name__}: {_first_line(e)})"]) from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    return frame.apply(lambda col: col.str.strip())
+        text = manifest.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ManifestError(manifest, [f"not UTF-8 text (byte {e.start}); save the CSV as UTF-8"]) from None
+    if "\x00" in text:
+        raise ManifestError(manifest, ["holds NUL bytes: not a CSV text file"])
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records, lines = [], []
+    try:
+        for record in reader:
+            if record:  # blank lines are skipped
+                records.append([cell.strip() for cell in record])
+                lines.append(reader.line_num)
+    except csv.Error as e:
+        raise ManifestError(manifest, [f"not a readable CSV file (line {reader.line_num}: {e})"]) from None
+    if not records:
+        raise ManifestError(manifest, ["the file is empty: no header"])
+    header, body = records[0], records[1:]
+    problems = [f"column {c!r} appears {header.count(c)} times in the header" for c in sorted(set(header)) if header.count(c) > 1]
+    problems += [f"line {line}: {len(r)} cells, the header has {len(header)}" for line, r in zip(lines[1:], body) if len(r) != len(header)]
+    if problems:
+        raise ManifestError(manifest, problems)
+    return pd.DataFrame(body, columns=header, index=lines[1:], dtype=str)
 
 
 def _first_line(error: BaseException, limit: int = 160) -> str:
@@ -347,8 +366,8 @@ def read_manifest(
     baselines = _present(frame, baseline_columns) if baseline_columns else None
     columns = _Columns(_present(frame, target_columns), baselines, _present(frame, covariate_columns))
     checks = [
-        _check_row(index + 2, row, manifest.parent, columns, label_scheme)
-        for index, row in frame.iterrows()  # line 1 is the header
+        _check_row(int(line), row, manifest.parent, columns, label_scheme)
+        for line, row in frame.iterrows()  # indexed by line in the file
     ]
     return checks, problems + _duplicates(checks)
 

@@ -214,11 +214,14 @@ class _RowCheck:
             for column, file, what in self.issues
         ]
 
-    def records(self, folder: Path) -> list[dict[str, str]]:
-        """For files we write: the subject by pseudonym (or line), files relative to the manifest's folder."""
+    def records(self, folder: Path | None = None) -> list[dict[str, str]]:
+        """For files we write: the subject by pseudonym (or line); with ``folder``, files relative to it. A run's
+        own report names no file (folder names often hold patient names; subject and column locate it)."""
         name = "" if self.identifies_patient else self.subject_id
         return [
-            {"line": str(self.line), "subject_id": name, "column": column, "file": _relative(file, folder), "problem": what}
+            {"line": str(self.line), "subject_id": name, "column": column}
+            | ({"file": _relative(file, folder)} if folder is not None else {})
+            | {"problem": what}
             for column, file, what in self.issues
         ]
 
@@ -552,8 +555,7 @@ class ManifestDataModule(L.LightningDataModule):
         if problems:
             raise ManifestError(manifest, problems)
         if bad:
-            folder = Path(os.path.abspath(manifest)).parent
-            self.bad_subjects += [record for c in bad for record in c.records(folder)]
+            self.bad_subjects += [record for c in bad for record in c.records()]
             rank_zero_warn(f"{len(bad)} subject(s) of {manifest} left out (on_bad_subject: skip):\n"
                            + "\n".join(m for c in bad for m in c.messages()[:1]))  # fmt: skip
             self._write_report()
@@ -561,7 +563,7 @@ class ManifestDataModule(L.LightningDataModule):
         return rows
 
     def _write_report(self) -> None:
-        """``bad_subjects.csv`` in the run folder: pseudonyms and paths relative to the manifest only."""
+        """``bad_subjects.csv`` in the run folder: line, pseudonym, column and problem; no paths."""
         trainer = self.trainer
         if trainer is not None and trainer.is_global_zero and self.bad_subjects:
             atomic_write_csv(Path(trainer.default_root_dir) / BAD_SUBJECTS_FILE, pd.DataFrame(self.bad_subjects))

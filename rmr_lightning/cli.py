@@ -17,11 +17,12 @@ from pathlib import Path
 
 from typing import Any
 
-import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from processors.registry import available_processors
+from rmr_lightning import checkpoints
 from rmr_lightning.logging import WANDB_ID_KEY, RunIdentity, SaveAndLogConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "ndm.yaml"
@@ -52,49 +53,6 @@ def _data_covariate_names(datamodule) -> list[str] | None:
     return getattr(datamodule, "covariate_names", None)
 
 
-def _checkpoint_dirs(callbacks: list[Any]) -> list[Path]:
-    """The ``dirpath`` folders of the config's ModelCheckpoint callbacks."""
-    dirs = []
-    for cb in callbacks or []:
-        dirpath = getattr(getattr(cb, "init_args", None), "dirpath", None)
-        if str(getattr(cb, "class_path", "")).endswith("ModelCheckpoint") and dirpath:
-            dirs.append(Path(dirpath))
-    return dirs
-
-
-def _last_checkpoint(dirs: list[Path]) -> Path | None:
-    """The newest ``last*.ckpt`` in ``dirs``."""
-    found = [p for d in dirs for p in d.glob("last*.ckpt")]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-def _resolve_checkpoint(ckpt_path: str, callbacks: list[Any]) -> Path | None:
-    """The file ``--ckpt_path`` names, with ``last`` looked up in the ModelCheckpoint folders of the config."""
-    if ckpt_path not in ("last", "best", "hpc", "registry"):
-        return Path(ckpt_path) if Path(ckpt_path).is_file() else None
-    if ckpt_path != "last":
-        return None
-    return _last_checkpoint(_checkpoint_dirs(callbacks))
-
-
-def _best_checkpoint(callbacks: list[Any]) -> Path:
-    """``--ckpt_path best`` in a process that did not fit: Lightning knows the best checkpoint only in the
-    fitting process, so read it from the ModelCheckpoint state saved in the folder's last checkpoint."""
-    dirs = _checkpoint_dirs(callbacks)
-    last = _last_checkpoint(dirs)
-    if last is None:
-        raise ValueError(
-            f"--ckpt_path best: no last.ckpt in the checkpoint folders {[str(d) for d in dirs] or '(none configured)'} "
-            "to read the best checkpoint from; fit first (with save_last), or pass the checkpoint file"
-        )
-    states = torch.load(last, map_location="cpu", weights_only=False).get("callbacks", {})
-    best = [v.get("best_model_path") for k, v in states.items() if str(k).startswith("ModelCheckpoint") and isinstance(v, dict)]
-    best = [Path(b) for b in best if b and Path(b).is_file()]
-    if not best:
-        raise ValueError(f"--ckpt_path best: {last} records no best checkpoint that still exists; pass the checkpoint file")
-    return best[0]
-
-
 # Datamodule settings that decide what a voxel means to the encoder: a checkpoint is only valid under its own.
 PREPROCESSING_KEYS = ("spacing", "shape", "modality", "ct_window", "patch_size")
 
@@ -118,6 +76,19 @@ def _check_preprocessing(checkpoint: dict[str, Any], data: Namespace | None, ckp
             f"{ckpt_path} was fitted with other preprocessing than this run's data; pass "
             + ", ".join(differ) + " so the scans are prepared as the model saw them in training"
         )
+
+
+def _checkpoint_model_class(class_path: str, config: Namespace, ckpt_path: str) -> type:
+    """The model class a checkpoint's hyperparameters name, imported only when it is the config's own
+    model or one of rmr_lightning's (a checkpoint from elsewhere must not choose code to import)."""
+    configured = str(getattr(config.get("model"), "class_path", ""))
+    if class_path != configured and not class_path.startswith("rmr_lightning."):
+        raise checkpoints.CheckpointError(
+            f"{ckpt_path}: its hyperparameters name the model class {class_path!r}, which is neither this run's "
+            f"model ({configured or 'none given'}) nor one of rmr_lightning's; pass --model with that class if you trust it"
+        )
+    module_name, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
 
 
 ROOT_PLACEHOLDER = "{default_root_dir}"
@@ -147,6 +118,20 @@ def _fill_roots(trainer: Namespace) -> None:
     trainer.logger = _fill_root(trainer.logger, root)
 
 
+def setup_data(datamodule: Any, trainer: Any, stage: str) -> None:
+    """Validate and prepare the data before the trainer starts any logger.
+
+    Lightning creates the loggers' experiments (a W&B run, a CSV folder) before ``datamodule.setup``, so a
+    bad manifest would reach them; run here, its error (which names files) stays on the console and no run
+    folder is made. Rank 0 only: it is the rank that logs, and the other ranks set up in Lightning's order.
+    """
+    if datamodule is None or rank_zero_only.rank != 0:
+        return
+    datamodule.trainer = trainer  # where a datamodule writes its report of skipped subjects
+    datamodule.prepare_data()
+    datamodule.setup(stage)
+
+
 class RMRCLI(LightningCLI):
     """LightningCLI with the links that keep numbers from being typed twice, and W&B run resumption."""
 
@@ -161,10 +146,10 @@ class RMRCLI(LightningCLI):
         if subcommand in ("validate", "test", "predict") and ckpt_path == "best":
             config = self.config[subcommand]
             _fill_roots(config.trainer)
-            ckpt_path = config.ckpt_path = str(_best_checkpoint(config.trainer.callbacks))
+            ckpt_path = config.ckpt_path = str(checkpoints.best_checkpoint(config.trainer.callbacks))
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        checkpoint = checkpoints.read_checkpoint(ckpt_path)
         if subcommand in ("validate", "test", "predict"):
             _check_preprocessing(checkpoint, self.config[subcommand].get("data"), ckpt_path)
         hparams = checkpoint.get("hyper_parameters", {})
@@ -172,8 +157,7 @@ class RMRCLI(LightningCLI):
         class_path = hparams.pop("_class_path", None)
         if not hparams or class_path is None:
             return super()._parse_ckpt_path()
-        module_name, _, name = class_path.rpartition(".")
-        accepted = inspect.signature(getattr(importlib.import_module(module_name), name)).parameters
+        accepted = inspect.signature(_checkpoint_model_class(class_path, self.config[subcommand], ckpt_path)).parameters
         kwargs = {k: v for k, v in hparams.items() if k in accepted}
         self.config = self.parser.parse_object({subcommand: {"model": {"class_path": class_path, "dict_kwargs": kwargs}}}, self.config)
 
@@ -182,18 +166,32 @@ class RMRCLI(LightningCLI):
         and logger; ``fit --ckpt_path ...`` continues the W&B run the checkpoint was written by."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         _fill_roots(config.trainer)
-        if self.subcommand != "fit":
+        if "weights_only" in config:  # Lightning then loads the checkpoint without unpickling objects
+            config.weights_only = True
+        if self.subcommand != "fit" or not config.ckpt_path:
             return
+        found = checkpoints.resolve(str(config.ckpt_path), config.trainer.callbacks)
+        if found is None:
+            return
+        path, checkpoint = found
+        config.ckpt_path = str(path)  # the intact file we read, not a damaged newer last.ckpt
         logger = config.trainer.logger
-        if not config.ckpt_path or not str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
-            return
-        path = _resolve_checkpoint(str(config.ckpt_path), config.trainer.callbacks)
-        if path is None:
-            return
-        run_id = torch.load(path, map_location="cpu", weights_only=False).get(WANDB_ID_KEY)
-        if run_id:
+        run_id = checkpoint.get(WANDB_ID_KEY)
+        if run_id and str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
             logger.init_args.id = run_id
             logger.init_args.resume = "allow"
+
+    def before_fit(self) -> None:
+        setup_data(self.datamodule, self.trainer, "fit")
+
+    def before_validate(self) -> None:
+        setup_data(self.datamodule, self.trainer, "validate")
+
+    def before_test(self) -> None:
+        setup_data(self.datamodule, self.trainer, "test")
+
+    def before_predict(self) -> None:
+        setup_data(self.datamodule, self.trainer, "predict")
 
     def add_arguments_to_parser(self, parser) -> None:
         # The pretraining module's input layout comes from the datamodule's algorithm.

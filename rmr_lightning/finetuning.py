@@ -43,6 +43,7 @@ from torchmetrics import MeanAbsoluteError, MetricCollection, PearsonCorrCoef, R
 from processors.base import Processor
 from processors.mlp import MLPProcessor
 from rmr_lightning.artifact import load_processor_artifact
+from rmr_lightning.guards import check_gradients, check_loss
 from rmr_lightning.optim import configure_optimizers
 from rmr_lightning.batches import ScanBatch
 from rmr_lightning.connectome import batch_graph, graph_tensors, load_dk84
@@ -541,6 +542,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
 
     def _shared(self, stage: str, b: ScanBatch) -> Tensor:
         loss, out = self.model_step(b)
+        check_loss(loss, stage, self.global_step, b.subject_ids)
         metrics = getattr(self, f"{stage}_metrics")
         pred, target = out["prediction"].detach(), b.target
         log = {"batch_size": b.batch_size, "on_step": False, "on_epoch": True}
@@ -560,7 +562,11 @@ class FrozenProcessorFinetuning(L.LightningModule):
         return loss
 
     def training_step(self, b: ScanBatch, batch_idx: int) -> Tensor:
+        self._batch_subjects = b.subject_ids  # named if a gradient of this batch is not finite
         return self._shared("train", b)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        check_gradients(self.parameters(), self.global_step, getattr(self, "_batch_subjects", None))
 
     def validation_step(self, b: ScanBatch, batch_idx: int) -> None:
         self._shared("val", b)

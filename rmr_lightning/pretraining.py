@@ -21,6 +21,8 @@ from torchmetrics import MeanSquaredError, MetricCollection, R2Score
 
 from processors.base import Processor
 from processors.registry import resolve_processor
+from rmr_lightning.artifact import check_rebuildable
+from rmr_lightning.guards import check_loss
 from rmr_lightning.optim import configure_optimizers
 from rmr_lightning.batches import GraphBatch
 from rmr_lightning.rollout import rollout
@@ -75,6 +77,7 @@ class ProcessorPretraining(L.LightningModule):
         self.encoder = nn.Linear(1 + len(spec["param_names"]), hidden_dim)  # f: [x', params] -> z
         self.processor = build_processor(processor, hidden_dim)  # P
         self.processor.init_args()  # a processor the artifact could not rebuild fails now, not after training
+        check_rebuildable(self.processor)  # nor one the artifact's allow-list would refuse to load
         self.decoder = nn.Linear(hidden_dim, 1)  # g: z -> state
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -110,6 +113,7 @@ class ProcessorPretraining(L.LightningModule):
         return loss, y_hat - b.x, b.y - b.x
 
     def _log_stage(self, stage: str, metrics: MetricCollection, b: GraphBatch, loss: Tensor, delta_hat: Tensor, delta: Tensor) -> None:
+        check_loss(loss, stage, self.global_step)
         metrics(delta_hat, delta)
         self.log(f"{stage}/loss", loss, batch_size=b.num_graphs, prog_bar=stage != "test", sync_dist=stage != "train")
         self.log_dict(metrics, batch_size=b.num_graphs, prog_bar=stage == "val")

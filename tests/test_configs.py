@@ -130,7 +130,7 @@ def test_test_and_predict_in_a_new_process_find_the_best_checkpoint_of_the_fit(t
     # preprocessing other than the fit's (a fit-time override forgotten) is refused, naming the setting to pass
     with pytest.raises(ValueError, match=r"fitted with other preprocessing.*--data.init_args.spacing=8 \(now 6\)"):
         cli_main(["predict", *args, f"--trainer.default_root_dir={tmp_path}", "--data.init_args.spacing=6", "--ckpt_path", "best"])
-    with pytest.raises(ValueError, match="--ckpt_path best: no last.ckpt in the checkpoint folders"):
+    with pytest.raises(ValueError, match="--ckpt_path best: no checkpoint in the checkpoint folders"):
         cli_main(["predict", *args, f"--trainer.default_root_dir={tmp_path / 'never_fitted'}", "--ckpt_path", "best"])
 
 

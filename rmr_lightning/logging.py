@@ -8,7 +8,6 @@ batches, and nothing here logs them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 from rmr_lightning.environment import ENVIRONMENT_FILE, run_environment
+from rmr_lightning.files import atomic_write_json, atomic_write_text
 
 WANDB_ID_KEY = "rmr_wandb_run_id"
 
@@ -27,6 +27,18 @@ class SaveAndLogConfig(SaveConfigCallback):
     sent to every logger (rank 0 only)."""
 
     _text: str | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """As LightningCLI's (the log folder's ``config.yaml``, always overwritten), written atomically."""
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir if self.save_to_log_dir else None  # every rank: it broadcasts
+        if trainer.is_global_zero:
+            if log_dir is not None:
+                atomic_write_text(Path(log_dir) / self.config_filename, self.parser.dump(self.config, skip_none=False))
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         text = self.parser.dump(self.config, skip_none=False)
@@ -51,9 +63,8 @@ class SaveAndLogConfig(SaveConfigCallback):
     def _write_beside_checkpoints(self, trainer: L.Trainer, text: str) -> None:
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
         if dirpath:
-            Path(dirpath).mkdir(parents=True, exist_ok=True)
-            (Path(dirpath) / self.config_filename).write_text(text)
-            (Path(dirpath) / ENVIRONMENT_FILE).write_text(json.dumps(run_environment(), indent=2))
+            atomic_write_text(Path(dirpath) / self.config_filename, text)
+            atomic_write_json(Path(dirpath) / ENVIRONMENT_FILE, run_environment())
 
 
 class RunIdentity(L.Callback):

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from rmr_lightning.algorithms import DAYS_PER_YEAR, SUSPICIOUS_VDT_DAYS, doubling_time_days, suspicious_growth
+from rmr_lightning.files import atomic_savefig, atomic_write_csv
 from rmr_lightning.plotting import pyplot
 
 
@@ -58,7 +59,7 @@ def plot_subject(row: pd.Series, regions: list[str], path: Path) -> None:
     note = f" ({len(absent)} regions not in the label map, in grey: predicted without image evidence)" if absent else ""
     fig.suptitle(f"subject {row['subject_id']}{note}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -87,16 +88,17 @@ class RegionalPredictionWriter(BasePredictionWriter):
         frame = pd.DataFrame(rows).drop_duplicates("subject_id").sort_values("subject_id")  # DDP pads by repeating
         frame = self.add_columns(frame, pl_module)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(self.output_dir / "predictions.csv", index=False, float_format="%.7g")  # float32's digits: age 78.3, not 78.30000305
+        # float32's digits: age 78.3, not 78.30000305; subject ids a spreadsheet would run as formulas get a leading '
+        atomic_write_csv(self.output_dir / "predictions.csv", frame, float_format="%.7g")
         figures = self.output_dir / "figures"
         for k, (_, row) in enumerate(frame.iterrows()):
             if k >= self.max_figures:
                 break
             figures.mkdir(exist_ok=True)
             self.plot(row, pl_module, figures / f"subject_{k:04d}.png")
-        (self.output_dir / "figures_index.csv").write_text(
-            "figure,subject_id\n" + "".join(f"subject_{k:04d}.png,{s}\n" for k, s in enumerate(frame["subject_id"][: self.max_figures]))
-        )
+        shown = frame["subject_id"].iloc[: self.max_figures].tolist()
+        index = pd.DataFrame({"figure": [f"subject_{k:04d}.png" for k in range(len(shown))], "subject_id": shown})
+        atomic_write_csv(self.output_dir / "figures_index.csv", index)
 
     def add_columns(self, frame: pd.DataFrame, pl_module: L.LightningModule) -> pd.DataFrame:
         """Columns derived from the predictions (none here; see ``GrowthPredictionWriter``)."""
@@ -163,5 +165,5 @@ class GrowthPredictionWriter(RegionalPredictionWriter):
             ax.legend(loc="upper left", fontsize=8)
         fig.suptitle(f"subject {row['subject_id']}")
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        atomic_savefig(fig, path, dpi=110)
         plt.close(fig)

@@ -5,6 +5,11 @@ same LightningCLI, so configs, links and saved ``config.yaml`` are those of a si
 variant, training size and seed overridden. Results are appended to ``summary.csv`` after every run,
 so an interrupted study resumes where it stopped. At the end: ``summary.md`` (mean +- std per
 variant and size, and the ratios the RMR claims rest on) and ``sample_efficiency.png``.
+
+Every file is written whole or not at all (``rmr_lightning.files``), so a study killed at any moment
+(a time limit, an out-of-memory kill, Ctrl-C) resumes from a readable ``summary.csv``: a run with a row
+there is done and never redone; a run without one, whose folder a killed attempt may have left half
+written, starts again from an empty folder.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
@@ -29,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from rmr_lightning.cli import cli_main
 from rmr_lightning.environment import ENVIRONMENT_FILE, run_environment
+from rmr_lightning.files import atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text, spreadsheet_safe
 from rmr_lightning.plotting import pyplot
 
 COLUMNS = [
@@ -36,6 +43,7 @@ COLUMNS = [
     "val_mae", "seconds", "checkpoint", "processor_artifact", "processor_sha256",
 ]  # fmt: skip
 VARIANT_ORDER = ["rmr", "unfrozen", "scratch", "random_p", "baseline"]
+SUMMARY_FILES = ("summary.csv", "summary.md", "sample_efficiency.png", ENVIRONMENT_FILE)  # what run_study writes in output_dir
 
 
 @dataclass
@@ -76,15 +84,15 @@ class Study:
         return [(v, n, s) for n in self.train_sizes for s in self.seeds for v in self.variants]
 
 
-def _logger_arg(kind: str, run_dir: Path, study: Study, name: str) -> list[str]:
+def _logger_arg(kind: str, folder: Path, study: Study, name: str) -> list[str]:
     if kind == "none":
         return ["--trainer.logger=false"]
     classes = {
-        "csv": ("lightning.pytorch.loggers.CSVLogger", {"save_dir": str(run_dir), "name": "logs"}),
-        "tensorboard": ("lightning.pytorch.loggers.TensorBoardLogger", {"save_dir": str(run_dir), "name": "logs"}),
+        "csv": ("lightning.pytorch.loggers.CSVLogger", {"save_dir": str(folder), "name": "logs"}),
+        "tensorboard": ("lightning.pytorch.loggers.TensorBoardLogger", {"save_dir": str(folder), "name": "logs"}),
         "wandb": (
             "lightning.pytorch.loggers.WandbLogger",
-            {"save_dir": str(run_dir), "project": "rmr_lightning", "group": f"study-{study.task}", "name": name, "job_type": "study-run"},
+            {"save_dir": str(folder), "project": "rmr_lightning", "group": f"study-{study.task}", "name": name, "job_type": "study-run"},
         ),
     }
     if kind not in classes:
@@ -93,19 +101,24 @@ def _logger_arg(kind: str, run_dir: Path, study: Study, name: str) -> list[str]:
     return ["--trainer.logger=" + json.dumps({"class_path": class_path, "init_args": init_args})]
 
 
+def run_dir(study: Study, variant: str, n_train: int, seed: int) -> Path:
+    """The folder of one run: its logs, checkpoints and saved config."""
+    return Path(study.output_dir) / "runs" / f"{variant}_n{n_train}_seed{seed}"
+
+
 def _run_args(study: Study, variant: str, n_train: int, seed: int) -> tuple[str, list[str]]:
-    name = f"{variant}_n{n_train}_seed{seed}"
-    run_dir = Path(study.output_dir) / "runs" / name
+    folder = run_dir(study, variant, n_train, seed)
+    name = folder.name
     args = [
         "--config", study.base_config, *study.overrides,
         f"--seed_everything={seed}",
         f"--model.init_args.variant={variant}",
         f"--data.init_args.train_size={n_train}",
         f"--data.init_args.subset_seed={seed}",
-        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.default_root_dir={folder}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
-        *_logger_arg(study.logger, run_dir, study, name),
+        *_logger_arg(study.logger, folder, study, name),
     ]  # fmt: skip
     return name, args
 
@@ -246,7 +259,7 @@ def plot(frame: pd.DataFrame, path: Path, measure: str = Study.measure) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)  # outside: no curve hidden
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    atomic_savefig(fig, path, dpi=150)
     plt.close(fig)
 
 
@@ -295,19 +308,60 @@ def _executor(workers: int) -> Executor | None:
 
 def _task_rows(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     """The rows of one task: a reused output folder may hold another task's runs, which are neither
-    resumed nor summarised."""
-    return frame[frame["task"].astype(str) == task].reset_index(drop=True)
+    resumed nor summarised. A task name a spreadsheet would read as a formula is stored with a leading
+    ``'`` (``files.spreadsheet_safe``) and matched in that form too."""
+    return frame[frame["task"].astype(str).isin({task, spreadsheet_safe(task)})].reset_index(drop=True)
+
+
+def read_summary(csv: Path) -> pd.DataFrame:
+    """The rows of ``summary.csv`` (none if it does not exist yet). It is always written whole, so a
+    file that does not parse was damaged by something else: the error names it rather than resuming
+    from a guess."""
+    if not csv.is_file():
+        return pd.DataFrame(columns=COLUMNS)
+    try:
+        frame = pd.read_csv(csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{csv} cannot be read ({type(err).__name__}: {err}); it is the study's record of finished runs: "
+            "repair it, or move it away to run the study again from the start"
+        ) from None
+    missing = [c for c in ("task", "variant", "n_train", "seed") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{csv} lacks the column(s) {missing} of a study summary (columns: {list(frame.columns)}); repair or move it away")
+    return frame
+
+
+def _clear_leftovers(study: Study, todo: list[tuple[str, int, int]], done: pd.DataFrame, console: Console) -> None:
+    """Remove what killed attempts left: temporary files of the summary's writers, and the folder of
+    every run still to do (a run is done only once its row is in ``summary.csv``; its folder may hold a
+    killed attempt's logs and checkpoints, which a new attempt would otherwise add to, not replace).
+    A folder that holds a run recorded under another task (a reused output folder) is kept."""
+    out = Path(study.output_dir)
+    for name in SUMMARY_FILES:
+        for tmp in out.glob(f"{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    recorded = [Path(str(p)).resolve() for p in done.get("checkpoint", pd.Series(dtype=object)).dropna() if str(p)]
+    for run in todo:
+        folder = run_dir(study, *run)
+        if not folder.exists():
+            continue
+        if any(folder.resolve() in p.parents for p in recorded):
+            console.print(f"[yellow]{folder} holds a run of another task: kept, and this task's run adds to it[/]")
+            continue
+        shutil.rmtree(folder)
 
 
 def run_study(study: Study) -> pd.DataFrame:
     out = Path(study.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv = out / "summary.csv"
-    done = pd.read_csv(csv) if csv.is_file() else pd.DataFrame(columns=COLUMNS)
+    done = read_summary(csv)
     mine = _task_rows(done, study.task)
     finished = {(r.variant, int(r.n_train), int(r.seed)) for r in mine.itertuples()}
     todo = [r for r in study.runs() if r not in finished]
     console = Console()
+    _clear_leftovers(study, todo, done, console)
     if len(mine) < len(done):  # another task's rows (a reused output_dir): kept in the file, not resumed or summarised
         others = ", ".join(sorted(set(done["task"].astype(str)) - {study.task}))
         console.print(f"[yellow]{csv} also holds {len(done) - len(mine)} runs of task(s) {others}: only task {study.task} is resumed and summarised[/]")
@@ -324,7 +378,7 @@ def run_study(study: Study) -> pd.DataFrame:
         def record(row: dict) -> None:
             nonlocal done
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True) if len(done) else pd.DataFrame([row])
-            done[COLUMNS].to_csv(csv, index=False)  # after every run: nothing finished is lost
+            atomic_write_csv(csv, done[COLUMNS])  # after every run, whole or not at all: nothing finished is lost
             progress.advance(task)
             progress.console.print(
                 f"  {row['variant']:9s} n={row['n_train']:<4d} seed={row['seed']}: test MAE {row['test_mae']:.5f}  "
@@ -342,15 +396,14 @@ def run_study(study: Study) -> pd.DataFrame:
                 futures = [executor.submit(run_one, study, *run) for run in todo]
                 for future in as_completed(futures):
                     record(future.result())
-    frame = pd.read_csv(csv)
-    frame = _task_rows(frame, study.task)
+    frame = _task_rows(read_summary(csv), study.task)
     shown, measure = frame, study.measure
     if frame["test_mae"].isna().all() and frame["test_mae_followup"].notna().any():
         # scans without baseline values (a manifest without baseline_columns) have no change to score
         shown, measure = frame.assign(test_mae=frame["test_mae_followup"]), "follow-up value (no baseline values: no change to score)"
-    (out / "summary.md").write_text(summarise(shown, measure))
+    atomic_write_text(out / "summary.md", summarise(shown, measure))
     plot(shown, out / "sample_efficiency.png", measure)
-    (out / ENVIRONMENT_FILE).write_text(json.dumps(run_environment(), indent=2))
+    atomic_write_json(out / ENVIRONMENT_FILE, run_environment())
     if study.logger == "wandb":
         log_study_to_wandb(study, shown, out)
     console.print((out / "summary.md").read_text())

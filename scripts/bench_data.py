@@ -13,6 +13,7 @@ reading the cache against the same batches already in memory (``cached_over_resi
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import subprocess
@@ -30,12 +31,20 @@ REPO = Path(__file__).resolve().parents[1]
 DISTINCT = 8  # distinct rendered scans; subjects beyond them are hard links (separate files to the cache)
 
 
+def save_nifti(image, path: Path) -> None:
+    """``image`` as ``.nii.gz``, written whole or not at all (a killed run leaves no half scan for a rerun)."""
+    from rmr_lightning.files import atomic_write
+
+    atomic_write(path, lambda f: f.write(gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)), binary=True)
+
+
 def write_cohort(folder: Path, subjects: int, spacing: int) -> Path:
     """A manifest of ``subjects`` rows over hard links to ``DISTINCT`` rendered scans (image + DK84 labels)."""
     import nibabel as nib
 
     from datamodules.manifest import dk84_region_names
     from rmr_lightning.anatomy import load_anatomy
+    from rmr_lightning.files import atomic_write_text
 
     anatomy = load_anatomy(spacing=spacing)
     scans = folder / "distinct"
@@ -45,8 +54,9 @@ def write_cohort(folder: Path, subjects: int, spacing: int) -> Path:
         if not (scans / f"t1_{k}.nii.gz").is_file():
             t1 = 0.35 * anatomy.csf + 0.6 * anatomy.gm + 0.95 * anatomy.wm
             t1 = (t1 * (1 + 0.1 * rng.standard_normal()) + 0.03 * torch.randn(t1.shape)).numpy().astype(np.float32)
-            nib.Nifti1Image(t1, anatomy.affine).to_filename(scans / f"t1_{k}.nii.gz")
-            nib.Nifti1Image(anatomy.labels.numpy().astype(np.int16), anatomy.affine).to_filename(scans / f"dk84_{k}.nii.gz")
+            # labels first: the image's presence is what says the pair is complete (a rerun skips it)
+            save_nifti(nib.Nifti1Image(anatomy.labels.numpy().astype(np.int16), anatomy.affine), scans / f"dk84_{k}.nii.gz")
+            save_nifti(nib.Nifti1Image(t1, anatomy.affine), scans / f"t1_{k}.nii.gz")
     names = dk84_region_names()
     subjects_dir = folder / f"n{subjects}"
     subjects_dir.mkdir(exist_ok=True)
@@ -62,7 +72,7 @@ def write_cohort(folder: Path, subjects: int, spacing: int) -> Path:
         cells = ",".join(str(v) for v in values)
         lines.append(f"sub-{i:05d},n{subjects}/sub-{i:05d}_t1.nii.gz,n{subjects}/sub-{i:05d}_dk84.nii.gz,{70 + i % 10},1.5,{cells}")
     manifest = folder / f"manifest_{subjects}.csv"
-    manifest.write_text("\n".join(lines) + "\n")
+    atomic_write_text(manifest, "\n".join(lines) + "\n")
     return manifest
 
 

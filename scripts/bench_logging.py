@@ -8,7 +8,6 @@ Usage: python scripts/bench_logging.py [--num-train 100000] [--pairs 2]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 from rmr_lightning.cli import cli_main
+from rmr_lightning.files import atomic_write_json
 
 
 def one_epoch(logger: str, num_train: int, root: Path) -> float:
@@ -58,7 +58,7 @@ def main() -> None:
         "pair_ratios": [round(r, 4) for r in pair_ratios], "median_pair_ratio": round(statistics.median(pair_ratios), 4),
     }  # fmt: skip
     Path("results/bench").mkdir(parents=True, exist_ok=True)
-    Path("results/bench/logging.json").write_text(json.dumps(report, indent=2))
+    atomic_write_json("results/bench/logging.json", report)
     print(f"per pair: {', '.join(f'{r:.3f}' for r in pair_ratios)} (machine noise shows in their spread)")
     print(f"W&B offline / no logger = {ratio:.3f} (mean of {opts.pairs} epochs each)")
 

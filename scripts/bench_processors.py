@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from rmr_lightning.cli import cli_main
+from rmr_lightning.files import atomic_write_json, atomic_write_text
 
 SETS = ("in_distribution", "dk84", "larger_graphs", "longer_horizon")
 
@@ -50,8 +51,8 @@ def main() -> None:
     lines = [header, "|---" * (3 + len(SETS)) + "|"]
     lines += [f"| {r['processor']} | {r['graphs_per_second']:.0f} | {r['steps']} | " + " | ".join(f"{r[f'r2_delta_{s}']:.4f}" for s in SETS) + " |" for r in rows]
     table = f"Pretraining on network diffusion, {opts.minutes:g} min of training each (R^2 of the change):\n\n" + "\n".join(lines) + "\n"
-    (out / "processors.json").write_text(json.dumps(rows, indent=2))
-    (out / "processors.md").write_text(table)
+    atomic_write_json(out / "processors.json", rows)
+    atomic_write_text(out / "processors.md", table)
     print(table)
 
 

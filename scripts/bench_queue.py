@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rmr_lightning.cli import cli_main
+from rmr_lightning.files import atomic_write_json
 
 
 def loader_rate(workers: int, subjects: int, epochs: int) -> float:
@@ -65,7 +66,7 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     out = Path("results/bench")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "queue.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(out / "queue.json", result)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import nibabel as nib
 import numpy as np
 from scipy.spatial import cKDTree
 
+from rmr_lightning.files import atomic_write, atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 ATLAS_DIR = REPO / "rmr_lightning" / "data" / "atlas"
 REGIONS_CSV = REPO / "rmr_lightning" / "data" / "connectome_dk84" / "regions.csv"
@@ -251,9 +253,9 @@ def build(inputs: Inputs | None = None) -> dict[str, bytes | str | np.ndarray]:
 
 def write(outputs: dict, out_dir: Path = ATLAS_DIR) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / ATLAS_NAME).write_bytes(outputs[ATLAS_NAME])
-    (out_dir / COUNTS_NAME).write_text(outputs[COUNTS_NAME])
-    (out_dir / PROVENANCE_NAME).write_text(outputs[PROVENANCE_NAME])
+    atomic_write(out_dir / ATLAS_NAME, lambda f: f.write(outputs[ATLAS_NAME]), binary=True)
+    atomic_write_text(out_dir / COUNTS_NAME, outputs[COUNTS_NAME])
+    atomic_write_text(out_dir / PROVENANCE_NAME, outputs[PROVENANCE_NAME])
 
 
 def check(outputs: dict, out_dir: Path = ATLAS_DIR) -> list[str]:

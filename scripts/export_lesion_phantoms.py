@@ -10,14 +10,21 @@ Usage: python scripts/export_lesion_phantoms.py OUT_DIR [--subjects 112] [--seed
 from __future__ import annotations
 
 import argparse
-import csv
+import gzip
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 from rich.progress import track
 
 from datamodules.lesion_ct import LesionCTDataModule
+from rmr_lightning.files import atomic_write, atomic_write_csv
+
+
+def save_nifti(image: nib.Nifti1Image, path: Path) -> None:
+    """``image`` as ``.nii.gz``, written whole or not at all."""
+    atomic_write(path, lambda f: f.write(gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)), binary=True)
 
 
 def export(out_dir: Path, subjects: int, seed: int = 0, cache_dir: str | None = None) -> Path:
@@ -29,20 +36,19 @@ def export(out_dir: Path, subjects: int, seed: int = 0, cache_dir: str | None = 
     affine = cohort["affine"].numpy()
     scans = out_dir / "scans"
     scans.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in track(range(subjects), description="writing NIfTI"):
+        sid = f"nodule-{i:04d}"
+        save_nifti(nib.Nifti1Image(cohort["image"][i, 0].numpy().astype(np.int16), affine), scans / f"{sid}_ct.nii.gz")
+        save_nifti(nib.Nifti1Image(cohort["roi"][i, 0].numpy().astype(np.uint8), affine), scans / f"{sid}_roi.nii.gz")
+        baseline, followup = cohort["target"][i, 0].tolist()
+        rows.append({
+            "subject_id": sid, "image": f"scans/{sid}_ct.nii.gz", "label_map": f"scans/{sid}_roi.nii.gz",
+            "horizon": round(float(cohort["covariates"][i, 0]), 6),
+            "lesion_baseline": round(baseline, 6), "lesion": round(followup, 6),
+        })  # fmt: skip
     manifest = out_dir / "manifest.csv"
-    with manifest.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["subject_id", "image", "label_map", "horizon", "lesion_baseline", "lesion"])
-        writer.writeheader()
-        for i in track(range(subjects), description="writing NIfTI"):
-            sid = f"nodule-{i:04d}"
-            nib.Nifti1Image(cohort["image"][i, 0].numpy().astype(np.int16), affine).to_filename(scans / f"{sid}_ct.nii.gz")
-            nib.Nifti1Image(cohort["roi"][i, 0].numpy().astype(np.uint8), affine).to_filename(scans / f"{sid}_roi.nii.gz")
-            baseline, followup = cohort["target"][i, 0].tolist()
-            writer.writerow({
-                "subject_id": sid, "image": f"scans/{sid}_ct.nii.gz", "label_map": f"scans/{sid}_roi.nii.gz",
-                "horizon": round(float(cohort["covariates"][i, 0]), 6),
-                "lesion_baseline": round(baseline, 6), "lesion": round(followup, 6),
-            })  # fmt: skip
+    atomic_write_csv(manifest, pd.DataFrame(rows))  # last: a manifest only names scans already written whole
     return manifest
 
 

@@ -96,11 +96,12 @@ for task in ${TASKS:-mri ct}; do  # table and plot from what finished
 import sys
 from pathlib import Path
 import pandas as pd
+from rmr_lightning.files import atomic_write_text
 from rmr_lightning.study import plot, summarise
 out = Path(sys.argv[1])
 if (out / "summary.csv").is_file():
     frame = pd.read_csv(out / "summary.csv")
-    (out / "summary.md").write_text(summarise(frame))
+    atomic_write_text(out / "summary.md", summarise(frame))
     plot(frame, out / "sample_efficiency.png")
     print(out, f"{len(frame)} runs, median {frame.seconds.median():.0f} s per run")
     print((out / "summary.md").read_text())

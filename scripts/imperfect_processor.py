@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from rmr_lightning.cli import cli_main
+from rmr_lightning.files import atomic_write_csv, atomic_write_text
 from rmr_lightning.study import Study, run_study
 
 PRETRAIN = {"diffusion": ["configs/pretrain/ndm.yaml"], "fkpp": ["configs/pretrain/ndm.yaml", "configs/pretrain/fkpp.yaml"]}
@@ -100,12 +101,12 @@ def main() -> None:
             rows += compare(args, phantoms, readout, artifacts, quality)
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out / "summary.csv", index=False)
+    atomic_write_csv(args.out / "summary.csv", table)
     text = f"Test MAE of the change, mean over seeds {args.seeds}; ratios to baseline / scratch on the same cohort and seeds.\n\n"
     cells = table.astype(object).where(table.notna(), "")
     text += "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
     text += "\n".join("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |" for row in cells.itertuples(index=False))
-    (args.out / "summary.md").write_text(text + "\n")
+    atomic_write_text(args.out / "summary.md", text + "\n")
     print(text)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from rmr_lightning.algorithms import SUSPICIOUS_VDT_DAYS, suspicious_growth
 from rmr_lightning.cli import cli_main
+from rmr_lightning.files import atomic_write_csv, atomic_write_text
 
 
 def flags(volumes: torch.Tensor, horizon: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ def main() -> None:
     summary = pd.read_csv(out / "summary.csv")
     rows = [{**row[["variant", "n_train", "seed"]].to_dict(), **evaluate(row["checkpoint"])} for _, row in summary.iterrows()]
     frame = pd.DataFrame(rows)
-    frame.to_csv(out / "vdt_flag.csv", index=False)
+    atomic_write_csv(out / "vdt_flag.csv", frame)
     table = frame.groupby(["variant", "n_train"])[["accuracy", "sensitivity", "specificity"]].mean().reset_index()
     lines = ["| variant | n | accuracy | sensitivity | specificity |", "|---|---|---|---|---|"]
     lines += [f"| {r.variant} | {r.n_train} | {r.accuracy:.3f} | {r.sensitivity:.3f} | {r.specificity:.3f} |" for r in table.itertuples()]
@@ -64,7 +65,7 @@ def main() -> None:
         f"Flag of suspicious growth (VDT < {SUSPICIOUS_VDT_DAYS:.0f} d) from the predicted volumes, test set, mean over seeds; "
         f"{frame['suspicious_share'].iloc[0]:.0%} of the test nodules are suspicious.\n\n" + "\n".join(lines) + "\n"
     )
-    (out / "vdt_flag.md").write_text(text)
+    atomic_write_text(out / "vdt_flag.md", text)
     print(text)
 
 

@@ -33,7 +33,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from rmr_lightning.cli import cli_main
+from rmr_lightning.cli import cli_main, setup_data
 from rmr_lightning.environment import ENVIRONMENT_FILE, run_environment
 from rmr_lightning.files import atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text, spreadsheet_safe
 from rmr_lightning.plotting import pyplot
@@ -136,9 +136,10 @@ def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
     start = time.perf_counter()
     cli = cli_main(args, run=False)
     try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        setup_data(cli.datamodule, cli.trainer, "fit")  # a bad manifest fails before the run's logger starts
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, weights_only=True)
         checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
-        results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint or None, verbose=False)[0]
+        results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint or None, verbose=False, weights_only=True)[0]
         val = cli.trainer.checkpoint_callback.best_model_score if cli.trainer.checkpoint_callback else None
         return {
             "task": study.task,

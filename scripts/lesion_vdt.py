@@ -34,7 +34,7 @@ def evaluate(checkpoint: str) -> dict[str, float]:
         config = Path(checkpoint).parents[1] / "config.yaml"
     cli = cli_main(["--config", str(config), "--trainer.logger=false"], run=False)
     model, dm = cli.model, cli.datamodule
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
     model.eval()
     dm.setup("test")
     predicted, truth = [], []

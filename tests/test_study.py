@@ -41,7 +41,8 @@ def test_study_writes_summary_plot_and_resumes(tiny_artifact: Path, tmp_path: Pa
     finally:
         gc.enable()
     # each run's datamodule (and the cohort it holds, 1.1 GB at 2 mm) is freed when the run ends
-    assert setups.count("fit") == 4 and len(cohorts) <= 1, (len(cohorts), setups)  # setup runs for fit and test
+    # setup runs before the logger starts (validation), again inside fit (idempotent) and for test
+    assert setups.count("fit") == 8 and len(cohorts) <= 1, (len(cohorts), setups)
     assert (out / "summary.md").is_file() and "99.0" not in (out / "summary.md").read_text()
     assert pd.read_csv(out / "summary.csv")["task"].tolist().count("other") == 1
     assert (out / "summary.md").is_file() and (out / "sample_efficiency.png").stat().st_size > 10_000

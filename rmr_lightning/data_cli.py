@@ -5,7 +5,8 @@
     rmr-data phantoms OUT --subjects N --spacing MM [--seed S] [--modality mri|ct]
 
 Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int`` (the exit
-status), so a new one is a new module and a line here.
+status), so a new one is a new module and a line here. Only the chosen subcommand's module is imported
+(``check`` pulls in Lightning, seconds that ``bids`` and ``--help`` need not pay).
 """
 
 from __future__ import annotations
@@ -14,27 +15,32 @@ import argparse
 import importlib
 import sys
 
+#: name -> (module, one-line help); the module's docstring is the subcommand's full description.
 SUBCOMMANDS = {
-    "check": "datamodules.check",
-    "bids": "datamodules.bids",
-    "phantoms": "datamodules.phantom_dataset",
+    "check": ("datamodules.check", "vet a manifest before a cluster job: every check, voxels included, no training"),
+    "bids": ("datamodules.bids", "build a manifest from a longitudinal BIDS dataset with FreeSurfer/FastSurfer outputs"),
+    "phantoms": ("datamodules.phantom_dataset", "write brain phantoms as a BIDS dataset with FreeSurfer-like outputs and the truth"),
 }
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The command line, with the arguments of ``chosen`` only (its module the only one imported)."""
     top = argparse.ArgumentParser(prog="rmr-data", description=__doc__.splitlines()[0])
     commands = top.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    for name, module_name in SUBCOMMANDS.items():
-        module = importlib.import_module(module_name)
-        sub = commands.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
-        sub.formatter_class = argparse.RawDescriptionHelpFormatter
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+    for name, (module_name, help_line) in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=help_line, formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            sub.description = module.__doc__
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.run)
     return top
 
 
 def main(args: list[str] | None = None) -> int:
-    parsed = parser().parse_args(args)
+    args = sys.argv[1:] if args is None else list(args)
+    chosen = next((a for a in args if not a.startswith("-")), None)
+    parsed = parser(chosen if chosen in SUBCOMMANDS else None).parse_args(args)
     return int(parsed.run(parsed) or 0)
 
 

@@ -1,6 +1,6 @@
 """``rmr-data``: get a cohort in before any training: vet a manifest, build one from BIDS, write phantoms.
 
-    rmr-data check MANIFEST [--config NATURAL.yaml] [--data.OPTION VALUE ...]
+    rmr-data check MANIFEST [--config NATURAL.yaml] [--OPTION VALUE ...] [--report CSV]
     rmr-data bids DATASET [--derivatives DIR] -o MANIFEST
     rmr-data phantoms OUT --subjects N --spacing MM [--seed S] [--modality mri|ct]
 

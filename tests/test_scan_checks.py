@@ -206,3 +206,27 @@ def test_a_manifest_of_freesurfer_label_maps_trains_on_dk84_regions(tmp_path):
     present = set(batch.labels.unique().tolist())
     assert present == {0, names.index("Cuneus_L") + 1, names.index("Hippocampus_L") + 1}
     assert os.path.basename(dm.rows["train"][0].label_map).startswith("aparc+aseg")
+
+
+# ---- rmr-data check ----------------------------------------------------------------------------------
+
+
+def test_rmr_data_check_prints_one_line_per_bad_subject_and_exits_nonzero(tmp_path, capsys):
+    from rmr_lightning.data_cli import main
+
+    folder = tmp_path / "study"
+    rows = [synthetic_row(folder, i) for i in range(5)]
+    manifest = write_manifest(folder / "m.csv", rows)
+    flags = ["--target_columns", "[reg_a, reg_b, reg_c]", "--spacing", "4", "--shape", "[6, 6, 4]", "--cache_dir", str(tmp_path / "c")]
+    assert main(["check", str(manifest), *flags]) == 0
+    assert "5 rows: 5 usable, 0 with problems" in capsys.readouterr().out
+    _blank_image(folder, rows[1])
+    _cut_gzip(folder, rows[3])
+    report = tmp_path / "problems.csv"
+    assert main(["check", str(manifest), *flags, "--report", str(report)]) == 1
+    out = capsys.readouterr().out
+    bad = [line for line in out.splitlines() if "subject_id 'sub-0" in line]
+    assert len(bad) == 2 and "sub-01" in bad[0] and str(folder / rows[1]["image"]) in bad[0] and "is constant" in bad[0]
+    assert "sub-03" in bad[1] and "column 'label_map'" in bad[1] and "truncated or damaged" in bad[1]
+    written = pd.read_csv(report)
+    assert written["subject_id"].tolist() == ["sub-01", "sub-03"] and written["file"].tolist() == [rows[1]["image"], rows[3]["label_map"]]

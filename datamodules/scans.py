@@ -93,11 +93,20 @@ def ct_windowing(window: tuple[float, float]) -> list[tio.Transform]:
     return [tio.Clamp(low, high), tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(low, high))]
 
 
+def _stack_labels(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Label maps stacked in their own integer dtype (the cache's uint8 or int16: 4-8x fewer bytes than
+    int64 to pass from loader workers); pooling promotes them to int64 where it indexes."""
+    dtypes = {m.dtype for m in maps}
+    if len(dtypes) > 1 or next(iter(dtypes)).is_floating_point or torch.bool in dtypes:
+        maps = [m.long() for m in maps]
+    return torch.stack(maps)
+
+
 def collate_subjects(subjects: list[tio.Subject]) -> ScanBatch:
     """Stack TorchIO subjects into a ``ScanBatch`` (used as ``collate_fn`` of the loaders)."""
     return ScanBatch(
         image=torch.stack([s["image"].data.float() for s in subjects]),
-        labels=torch.stack([s["label_map"].data.long() for s in subjects]),
+        labels=_stack_labels([s["label_map"].data for s in subjects]),
         covariates=torch.stack([torch.as_tensor(s["covariates"], dtype=torch.float32) for s in subjects]),
         target=torch.stack([torch.as_tensor(s["target"], dtype=torch.float32) for s in subjects]),
         state=torch.stack([torch.as_tensor(s["state"], dtype=torch.float32) for s in subjects]),

@@ -28,7 +28,7 @@ class ScanBatch:
     """
 
     image: Tensor  # (B, 1, X, Y, Z) float32, normalised; TorchIO's RAS voxel order
-    labels: Tensor  # (B, 1, X, Y, Z) int64 region labels in image space
+    labels: Tensor  # (B, 1, X, Y, Z) integer region labels in image space (uint8, int16 or int64)
     covariates: Tensor  # (B, C) float32, in the datamodule's ``covariate_names`` order
     target: Tensor  # (B, R, 2) float32: [baseline, follow-up] per region; NaN where unknown
     state: Tensor  # (B, R) float32 hidden abstract state (phantoms); NaN for real scans

@@ -11,6 +11,7 @@ longest training horizon, decoding and re-encoding the state between steps.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -148,3 +149,21 @@ class ProcessorPretraining(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return configure_optimizers(self, self.optimizer, self.lr_scheduler)
+
+
+def quick_artifact(datamodule: Any, processor: str, hidden_dim: int, path: str | Path, lr: float = 3e-3) -> Path:
+    """One epoch of plain Adam on ``datamodule``, saved as a processor artifact: a stand-in ``P`` for tests
+    and data benchmarks, which measure the code path and not the model's accuracy."""
+    from rmr_lightning.artifact import save_processor_artifact
+
+    torch.manual_seed(0)
+    datamodule.setup("fit")
+    model = ProcessorPretraining(processor=processor, hidden_dim=hidden_dim, abstract_spec=datamodule.abstract_spec)
+    opt = torch.optim.Adam(model.parameters(), lr)
+    for batch in datamodule.train_dataloader():
+        loss, _, _ = model.model_step(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_processor_artifact(path, model.processor, model.encoder, model.decoder, model.abstract_spec)
+    return Path(path)

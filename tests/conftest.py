@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -23,20 +22,9 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 def _tiny_artifact(datamodule, processor: str, path: Path) -> Path:
     """Pretrain a width-16 ``processor`` for one epoch of ``datamodule`` and save it as a processor artifact."""
-    from rmr_lightning.artifact import save_processor_artifact
-    from rmr_lightning.pretraining import ProcessorPretraining
+    from rmr_lightning.pretraining import quick_artifact
 
-    torch.manual_seed(0)
-    datamodule.setup("fit")
-    model = ProcessorPretraining(processor=processor, hidden_dim=16, abstract_spec=datamodule.abstract_spec)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for batch in datamodule.train_dataloader():
-        loss, _, _ = model.model_step(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_processor_artifact(path, model.processor, model.encoder, model.decoder, model.abstract_spec)
-    return path
+    return quick_artifact(datamodule, processor, 16, path)
 
 
 @pytest.fixture(scope="session")

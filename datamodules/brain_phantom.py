@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.sampling import check_train_size, cohort_splits, epoch_sampler
-from datamodules.scans import collate_subjects, default_cache_dir, preprocessing, settings_key, transform_key
+from datamodules.scans import augment_training_batch, collate_subjects, default_cache_dir, preprocessing, settings_key, transform_key
 from rmr_lightning.algorithms import GraphAlgorithm, NetworkDiffusion
 from rmr_lightning.anatomy import Anatomy, load_anatomy
 from rmr_lightning.batches import ScanBatch
@@ -414,17 +414,7 @@ class BrainPhantomDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: ScanBatch, dataloader_idx: int) -> ScanBatch:
         """Intensity augmentation on the device (training only): a random gain and noise level per subject."""
-        trainer = getattr(self, "trainer", None)
-        if not (self.hparams.augment and trainer is not None and trainer.training):
-            return batch
-        image = batch.image
-        shape = (image.shape[0], 1, 1, 1, 1)
-        # seeded by the step: the same augmentation after a resume, independent of other randomness
-        gen = torch.Generator(device=image.device).manual_seed(self.hparams.subset_seed * 1_000_003 + trainer.global_step)
-        scale = 1.0 + 0.05 * torch.randn(shape, device=image.device, generator=gen)
-        level = 0.03 * torch.rand(shape, device=image.device, generator=gen)
-        batch.image = image * scale + level * torch.randn(image.shape, device=image.device, generator=gen)
-        return batch
+        return augment_training_batch(self, batch)
 
 
 def _preprocess(cohort: dict[str, Tensor], transform: tio.Transform) -> dict[str, Tensor]:

@@ -42,7 +42,7 @@ from datamodules.freesurfer import LABEL_SCHEMES, scheme_absent
 from datamodules.sampling import epoch_sampler, training_subset
 from datamodules.scan_cache import ScanCache, ScanSource
 from datamodules.scan_checks import Header, dicom_files, dicom_fingerprint, dicom_problems, same_space, volume_header
-from datamodules.scans import CT_WINDOW, MODALITIES, collate_subjects, default_cache_dir, preprocessing, transform_key
+from datamodules.scans import CT_WINDOW, MODALITIES, ScanBatch, augment_training_batch, collate_subjects, default_cache_dir, preprocessing, transform_key
 from rmr_lightning.files import atomic_write_csv
 
 FILE_COLUMNS = ("image", "label_map")
@@ -470,6 +470,8 @@ class ManifestDataModule(L.LightningDataModule):
             (None: all); ``rmr-study`` sets both, with the validation and test subjects fixed by ``seed``.
         batch_size: subjects per batch.
         num_workers: worker processes for loading and for preprocessing scans into the cache.
+        augment: a random gain and noise level per training subject, on the device (as the phantoms);
+            after the cache, so it changes no cached scan.
         cache_dir: the preprocessing cache (default ``$RMR_CACHE``, else ~/.cache/rmr_lightning), shared
             by runs, workers and ranks; about 5 bytes per voxel of ``shape`` per scan.
     """
@@ -494,6 +496,7 @@ class ManifestDataModule(L.LightningDataModule):
         subset_seed: int = 0,
         batch_size: int = 4,
         num_workers: int = 0,
+        augment: bool = True,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -619,6 +622,10 @@ class ManifestDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> tio.SubjectsLoader:
         return self._loader("predict")
+
+    def on_after_batch_transfer(self, batch: ScanBatch, dataloader_idx: int) -> ScanBatch:
+        """Intensity augmentation on the device (training only): a random gain and noise level per subject."""
+        return augment_training_batch(self, batch)
 
 
 def _is_rank_zero() -> bool:

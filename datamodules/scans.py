@@ -13,13 +13,14 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchio as tio
 
 from rmr_lightning.batches import ScanBatch
 
-__all__ = ["CT_WINDOW", "MODALITIES", "ScanBatch", "collate_subjects", "ct_windowing", "default_cache_dir", "preprocessing"]
+__all__ = ["CT_WINDOW", "MODALITIES", "ScanBatch", "augment_training_batch", "collate_subjects", "ct_windowing", "default_cache_dir", "preprocessing"]
 
 MODALITIES = ("mri", "ct")
 #: Brain window for CT in Hounsfield units (level 40, width 80).
@@ -91,6 +92,27 @@ def ct_windowing(window: tuple[float, float]) -> list[tio.Transform]:
     if not low < high:
         raise ValueError(f"ct_window must be (low, high) with low < high in HU, got {window}")
     return [tio.Clamp(low, high), tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(low, high))]
+
+
+def augment_intensity(batch: ScanBatch, seed: int) -> ScanBatch:
+    """A random gain (1 + 0.05 N(0, 1)) and noise level (up to 0.03 of a unit-variance image) per subject, on
+    the device. Seeded by ``seed`` (the run's subset seed and step): the same after a resume."""
+    image = batch.image
+    shape = (image.shape[0], 1, 1, 1, 1)
+    gen = torch.Generator(device=image.device).manual_seed(seed)
+    scale = 1.0 + 0.05 * torch.randn(shape, device=image.device, generator=gen)
+    level = 0.03 * torch.rand(shape, device=image.device, generator=gen)
+    batch.image = image * scale + level * torch.randn(image.shape, device=image.device, generator=gen)
+    return batch
+
+
+def augment_training_batch(datamodule: Any, batch: ScanBatch) -> ScanBatch:
+    """``on_after_batch_transfer`` of the scan datamodules: ``augment_intensity`` on training batches when
+    the datamodule's ``augment`` is on, seeded by its ``subset_seed`` and the global step."""
+    trainer = getattr(datamodule, "trainer", None)
+    if not (datamodule.hparams.augment and trainer is not None and trainer.training):
+        return batch
+    return augment_intensity(batch, datamodule.hparams.subset_seed * 1_000_003 + trainer.global_step)
 
 
 def _stack_labels(maps: list[torch.Tensor]) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 import shutil
@@ -406,3 +407,26 @@ def test_subject_id_equal_to_a_dicom_identifier_is_refused_without_echoing_it(tm
     assert "pseudonym" in message and "line 3" in message and str(image) in message
     assert identifier.casefold() not in message.casefold()
     assert "'ct-ok'" not in message  # the pseudonymous row is fine
+
+
+def test_training_batches_are_augmented_reproducibly_and_others_are_not(cohort):
+    """A gain and noise per subject on training batches, seeded by subset_seed and step; none otherwise."""
+    folder, rows = cohort(5)
+    dm = ManifestDataModule(str(write_manifest(folder / "manifest.csv", rows)), **SMALL)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+
+    class Trainer:
+        training, global_step = True, 7
+
+    dm.trainer = Trainer()
+    clean = batch.image.clone()
+    first = dm.on_after_batch_transfer(dataclasses.replace(batch, image=clean.clone()), 0).image
+    again = dm.on_after_batch_transfer(dataclasses.replace(batch, image=clean.clone()), 0).image
+    assert torch.equal(first, again) and not torch.allclose(first, clean)
+    ratio = (first / clean)[clean.abs() > 1].std()  # the gain dominates where the noise is small against the image
+    assert 0 < float(ratio) < 0.2
+    Trainer.training = False
+    assert torch.equal(dm.on_after_batch_transfer(dataclasses.replace(batch, image=clean.clone()), 0).image, clean)
+    dm.hparams.augment, Trainer.training = False, True
+    assert torch.equal(dm.on_after_batch_transfer(dataclasses.replace(batch, image=clean.clone()), 0).image, clean)

@@ -53,7 +53,7 @@ Variant = Literal["rmr", "baseline", "scratch", "unfrozen", "random_p"]
 #: sigmoid(-3) ~ 0.05: the estimated state starts near a typical regional load.
 STATE_LOGIT_INIT = -3.0
 STATE_INIT = 1.0 / (1.0 + math.exp(-STATE_LOGIT_INIT))
-#: Pretraining validation R^2 (of the change) below which a frozen P is warned about: 0.99 helped, 0.81 hurt (README).
+#: Pretraining validation R^2 (of the change) below which a frozen P is warned about: 0.99 helped, 0.81 hurt (docs/results/imperfect_p.md).
 MIN_FROZEN_R2 = 0.95
 
 
@@ -217,7 +217,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         head_hidden: width of the per-region head that maps pooled features to the abstract state.
         region_centring: give the head each region's features also as a deviation from that region's
             mean over the training subjects (``RegionCentring``); 6 mm MRI, n=8, 6 seeds: test MAE of the
-            change 0.0056 -> 0.0048 for ``rmr`` (README).
+            change 0.0056 -> 0.0048 for ``rmr`` (docs/results/demo_mri.md).
         readout: ``calibrated`` (g reads the state now and after P; positive gains map it to the targets)
             or ``linear`` (a free linear map of ``[z, P(z)]``, as in the RMR paper; no anchoring), or
             ``residual`` (calibrated plus a zero-initialised linear map of ``[z, P(z)]``).
@@ -247,7 +247,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         gain_lr_factor: learning-rate factor for the readout's two log-gains. Adam moves a log-gain by about
             the learning rate per step, so under cosine decay it travels at most ~``lr * steps / 2`` (0.6 in the
             demo at factor 1): too little to turn down a P whose change is noise (``random_p``). 10 had the
-            lowest validation error for every trained variant of the 6 mm demo among 1, 10 and 100 (README).
+            lowest validation error for every trained variant of the 6 mm demo among 1, 10 and 100 (docs/results/demo_mri.md).
         optimizer, lr_scheduler: injected callables.
     """
 
@@ -297,8 +297,8 @@ class FrozenProcessorFinetuning(L.LightningModule):
         if policy.pretrained and not policy.trainable and r2 is not None and r2 < MIN_FROZEN_R2:
             rank_zero_warn(
                 f"{processor_artifact}: P reached a validation R^2 of the change of only {r2:.3f} in pretraining. "
-                f"Frozen Ps below ~{MIN_FROZEN_R2} made rmr worse than baseline in our measurements (README, "
-                "'Imperfect processors'); pretrain longer, or use readout=residual or variant=unfrozen"
+                f"Frozen Ps below ~{MIN_FROZEN_R2} made rmr worse than baseline in our measurements "
+                "(docs/results/imperfect_p.md); pretrain longer, or use readout=residual or variant=unfrozen"
             )
         spec = artifact.abstract_spec
         self.param_names: list[str] = list(spec["param_names"])

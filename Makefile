@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 
-.PHONY: env lock demo test test-slow test-gpu bench-data pretrain pretrain-fkpp pretrain-lesion study-mri study-ct study-lesion bench clean
+.PHONY: env lock demo test test-fast test-slow test-gpu bench-data pretrain pretrain-fkpp pretrain-lesion study-mri study-ct study-lesion bench clean
 
 env: $(STAMP)
 
@@ -41,8 +41,12 @@ demo: env
 	@test -f results/pretrain/processor.pt || $(MAKE) pretrain
 	$(BIN)/rmr-study --config configs/study/demo.yaml
 
+# The full suite as CI runs it (slow tests included: ~6 min on 2 cores); test-fast skips the slow ones.
 test: env
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not gpu"
+
+test-fast: env
+	$(BIN)/python -m pytest -m "not slow and not gpu"
 
 test-slow: env
 	$(BIN)/python -m pytest -m slow

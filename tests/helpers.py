@@ -63,3 +63,14 @@ class FasterDiffusion(NetworkDiffusion):
 
     def run(self, prepared, x0, params):
         return prepared.solve(x0, 2.0 * params[:, 0] * params[:, 1])
+
+
+def tiny_study(artifact: Path, output_dir: Path, task: str, seeds: list[int]):
+    """A study of rmr and baseline at 2 and 4 subjects on a tiny 8 mm cohort, two steps per run."""
+    from rmr_lightning.study import Study
+
+    return Study(
+        base_config="configs/natural/brain_mri.yaml", output_dir=str(output_dir), task=task, variants=["rmr", "baseline"],
+        train_sizes=[2, 4], seeds=seeds, logger="csv",
+        overrides=[*tiny_natural(artifact), "--trainer.max_steps=2", "--trainer.val_check_interval=2"],
+    )  # fmt: skip

@@ -12,20 +12,11 @@ import pytest
 
 from datamodules.brain_phantom import BrainPhantomDataModule
 from rmr_lightning.study import COLUMNS, Study, log_study_to_wandb, paired_ratios, parse_study, plot, run_study, summarise
-from tests.helpers import tiny_natural
+from tests.helpers import tiny_natural, tiny_study
 
 
 def test_study_writes_summary_plot_and_resumes(tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    study = Study(
-        base_config="configs/natural/brain_mri.yaml",
-        output_dir=str(tmp_path / "study"),
-        task="tiny",
-        variants=["rmr", "baseline"],
-        train_sizes=[2, 4],
-        seeds=[0],
-        overrides=[*tiny_natural(tiny_artifact), "--trainer.max_steps=2", "--trainer.val_check_interval=2"],
-        logger="csv",
-    )
+    study = tiny_study(tiny_artifact, tmp_path / "study", "tiny", [0])
     # a reused output folder holding another task's run of the same variant, size and seed: not resumed, not summarised
     out = Path(study.output_dir)
     out.mkdir(parents=True)

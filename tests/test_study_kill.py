@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from rmr_lightning.study import COLUMNS, SUMMARY_FILES, Study, _clear_leftovers, prepare, read_summary, run_dir
-from tests.helpers import tiny_natural
+from tests.helpers import tiny_study
 
 MIN_KILLS = 10
 
@@ -52,16 +52,7 @@ def _whole_summary(csv: Path, runs: int) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_study_killed_at_random_moments_resumes_to_every_run_once(tiny_artifact: Path, tmp_path: Path) -> None:
-    study = Study(
-        base_config="configs/natural/brain_mri.yaml",
-        output_dir=str(tmp_path / "study"),
-        task="kill",
-        variants=["rmr", "baseline"],
-        train_sizes=[2, 4],
-        seeds=[0, 1],
-        overrides=[*tiny_natural(tiny_artifact), "--trainer.max_steps=2", "--trainer.val_check_interval=2"],
-        logger="csv",
-    )
+    study = tiny_study(tiny_artifact, tmp_path / "study", "kill", [0, 1])
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump({k: getattr(study, k) for k in study.__dataclass_fields__}))
     out, runs, csv = Path(study.output_dir), len(study.runs()), Path(study.output_dir) / "summary.csv"

@@ -106,7 +106,7 @@ def test_pretraining_stopped_by_max_time_says_so_and_its_artifact_warns(tmp_path
                   f"--trainer.callbacks={json.dumps(artifacts)}"])  # fmt: skip
     stats = json.loads((tmp_path / "fit_stats.json").read_text())
     assert stats["stopped_by"] == "max_time" and 0 < stats["completed_steps"] < stats["planned_steps"] == 100000
-    with pytest.warns(UserWarning, match=rf"of 100000 planned steps \(stopped by max_time\)"):
+    with pytest.warns(UserWarning, match=r"of 100000 planned steps \(stopped by max_time\)"):
         artifact = load_processor_artifact(tmp_path / "processor.pt")
     assert artifact.metrics["completed_steps"] == stats["completed_steps"]
 

@@ -75,7 +75,11 @@ class GraphSamples(Dataset):
         for g in torch.unique(graph_of_sample).tolist():
             ids = torch.nonzero(graph_of_sample == g).squeeze(1)
             conn = graphs[g]
-            x0 = state_sampler(conn, len(ids), rng) if state_sampler else initial_states(DiffusionSpectrum(conn), len(ids), rng)
+            x0 = (
+                state_sampler(conn, len(ids), rng)
+                if state_sampler
+                else initial_states(DiffusionSpectrum(conn), len(ids), rng)
+            )
             params = algorithm.sample_params(len(ids), gen)
             y = algorithm(conn, x0, params)
             n = conn.shape[0]
@@ -173,7 +177,9 @@ class AbstractGraphDataModule(L.LightningDataModule):
         dk84, _ = load_dk84()
         if name in ("train", "val", "in_distribution", "longer_horizon"):
             count = hp.num_train if name == "train" else (hp.num_val if name == "val" else hp.num_test)
-            pool = self._pool(hp.num_graphs if name == "train" else max(50, hp.num_graphs // 20), hp.min_nodes, hp.max_nodes, rng)
+            pool = self._pool(
+                hp.num_graphs if name == "train" else max(50, hp.num_graphs // 20), hp.min_nodes, hp.max_nodes, rng
+            )
             share = hp.dk84_fraction if name in ("train", "val") else 0.0
             graph_of_sample = torch.as_tensor(rng.integers(len(pool), size=count))
             graph_of_sample[torch.as_tensor(rng.random(count) < share)] = len(pool)

@@ -84,7 +84,17 @@ APARC_STATS = {"aparc+aseg": ("aparc",), "aparc.DKTatlas+aseg": ("aparc.DKTatlas
 FOLLOW_UPS = ("last", "next")
 #: How a pair's volumes were measured (the manifest's ``volume_source`` column).
 STATS, COUNTS = "stats", "voxel counts"
-COLUMNS = ["subject_id", "image", "label_map", "label_scheme", "age", "horizon", "baseline_session", "followup_session", "volume_source"]
+COLUMNS = [
+    "subject_id",
+    "image",
+    "label_map",
+    "label_scheme",
+    "age",
+    "horizon",
+    "baseline_session",
+    "followup_session",
+    "volume_source",
+]
 REPORT_COLUMNS = ["subject_id", "session_id", "reason", "detail", "subject_kept"]
 
 
@@ -259,17 +269,23 @@ def find_segmentation(s: Session) -> None:
             break
 
 
-def segmented_sessions(subject: str, sessions: list[Session], derivatives: Path) -> tuple[list[Session], list[Excluded]]:
+def segmented_sessions(
+    subject: str, sessions: list[Session], derivatives: Path
+) -> tuple[list[Session], list[Excluded]]:
     """The sessions with stats or a label map, and why the others cannot be used."""
     usable, dropped = [], []
     for s in sessions:
         s.fs_dir = freesurfer_dir(derivatives, subject, s.session)
         if s.fs_dir is None:
-            dropped.append(Excluded("no FreeSurfer output", f"{subject} {s.session}: none under {derivatives}", s.session))
+            dropped.append(
+                Excluded("no FreeSurfer output", f"{subject} {s.session}: none under {derivatives}", s.session)
+            )
             continue
         find_segmentation(s)
         if s.label_map is None and s.stats is None:
-            dropped.append(Excluded("no stats or label map", f"{subject} {s.session}: {s.fs_dir} has neither", s.session))
+            dropped.append(
+                Excluded("no stats or label map", f"{subject} {s.session}: {s.fs_dir} has neither", s.session)
+            )
         else:
             usable.append(s)
     return usable, dropped
@@ -323,8 +339,11 @@ def scan_on_label_grid(s: Session) -> Path:
                     return candidate
     except Exception as err:  # nibabel raises several types for a corrupt header
         raise Excluded("unreadable scan or label map", f"{s.subject} {s.session}: {err}", s.session) from None
-    raise Excluded("label map not on the scan's grid", f"{s.subject} {s.session}: {s.label_map.name} is on the grid of "
-                   f"neither {s.image.name} nor mri/orig.mgz", s.session)  # fmt: skip
+    raise Excluded(
+        "label map not on the scan's grid",
+        f"{s.subject} {s.session}: {s.label_map.name} is on the grid of neither {s.image.name} nor mri/orig.mgz",
+        s.session,
+    )
 
 
 # ---- pairing -----------------------------------------------------------------------------------------
@@ -348,7 +367,9 @@ def horizon_between(base: Session, follow: Session) -> float:
     elif base.age is not None and follow.age is not None:
         horizon = follow.age - base.age
     else:
-        raise Excluded("no dates or ages", f"{base.subject}: {base.session}/{follow.session} lack acq_time and age", follow.session)
+        raise Excluded(
+            "no dates or ages", f"{base.subject}: {base.session}/{follow.session} lack acq_time and age", follow.session
+        )
     if horizon <= 0:
         detail = f"{base.subject}: {follow.session} is {horizon:.3f} years after {base.session}"
         raise Excluded("follow-up not after baseline", detail, follow.session)
@@ -364,10 +385,14 @@ def make_pair(base: Session, follow: Session, names: list[str]) -> Pair:
         raise Excluded("no common volume source", detail, follow.session)
     volumes = session_volumes(base, source, names), session_volumes(follow, source, names)
     etivs = [e for e in (session_etiv(base), session_etiv(follow)) if e]
-    return Pair(base, follow, horizon, scan_on_label_grid(base), source, volumes, float(np.mean(etivs)) if etivs else None)
+    return Pair(
+        base, follow, horizon, scan_on_label_grid(base), source, volumes, float(np.mean(etivs)) if etivs else None
+    )
 
 
-def pair_subject(subject: str, sessions: list[Session], derivatives: Path, follow_up: str, names: list[str]) -> tuple[Pair, list[Excluded]]:
+def pair_subject(
+    subject: str, sessions: list[Session], derivatives: Path, follow_up: str, names: list[str]
+) -> tuple[Pair, list[Excluded]]:
     """A subject's pair and the sessions dropped on the way; ``Excluded`` (the first reason) when none."""
     if len(sessions) < 2:
         raise Excluded("one session", f"{subject}: {len(sessions)} session(s) with a scan")
@@ -375,10 +400,16 @@ def pair_subject(subject: str, sessions: list[Session], derivatives: Path, follo
     order = sorted(usable, key=_order_key)
     start = next((k for k, s in enumerate(order) if s.label_map is not None), None)
     if start is None:
-        raise dropped[0] if len(usable) < 2 else Excluded("no label map", f"{subject}: no session has aparc+aseg or aparc.DKTatlas+aseg")
+        raise (
+            dropped[0]
+            if len(usable) < 2
+            else Excluded("no label map", f"{subject}: no session has aparc+aseg or aparc.DKTatlas+aseg")
+        )
     base, later = order[start], order[start + 1 :]
     if base.age is None:
-        raise Excluded("no age", f"{subject}: no age at {base.session} in sessions.tsv or participants.tsv", base.session)
+        raise Excluded(
+            "no age", f"{subject}: no age at {base.session} in sessions.tsv or participants.tsv", base.session
+        )
     failures = []
     for follow in reversed(later) if follow_up == "last" else later:
         try:
@@ -455,7 +486,13 @@ def build(
         rows.append(manifest_row(pair, names, manifest.parent))
     if participants is not None and "participant_id" in participants:
         for subject in sorted(set(participants["participant_id"]) - set(scans)):
-            excluded.append((subject, Excluded(f"no {suffix}", f"{subject}: in participants.tsv, no *_{suffix}.nii[.gz] found"), False))
+            excluded.append(
+                (
+                    subject,
+                    Excluded(f"no {suffix}", f"{subject}: in participants.tsv, no *_{suffix}.nii[.gz] found"),
+                    False,
+                )
+            )
     report = [(s, e.session, e.reason, e.detail, kept) for s, e, kept in excluded]
     return add_measures(rows, names), pd.DataFrame(report, columns=REPORT_COLUMNS)
 
@@ -470,7 +507,9 @@ def summarise(table: pd.DataFrame, report: pd.DataFrame, manifest: Path) -> None
     from rich.console import Console
 
     console = Console(highlight=False)
-    sources = ", ".join(f"{n} from {s}" for s, n in table["volume_source"].value_counts().items()) if len(table) else "none"
+    sources = (
+        ", ".join(f"{n} from {s}" for s, n in table["volume_source"].value_counts().items()) if len(table) else "none"
+    )
     console.print(f"[bold]{len(table)}[/bold] rows ({sources}) -> {manifest}")
     gone = report[~report["subject_kept"].astype(bool)]
     if len(gone):
@@ -484,11 +523,19 @@ def summarise(table: pd.DataFrame, report: pd.DataFrame, manifest: Path) -> None
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, help="BIDS dataset root (has participants.tsv and sub-*/)")
-    parser.add_argument("--derivatives", type=Path, default=None,
-                        help="FreeSurfer/FastSurfer subjects folder (default DATASET/derivatives/freesurfer)")  # fmt: skip
+    parser.add_argument(
+        "--derivatives",
+        type=Path,
+        default=None,
+        help="FreeSurfer/FastSurfer subjects folder (default DATASET/derivatives/freesurfer)",
+    )
     parser.add_argument("-o", "--output", type=Path, required=True, help="manifest CSV to write")
-    parser.add_argument("--follow-up", choices=FOLLOW_UPS, default="last",
-                        help="follow-up session: the last (default) or the one after the baseline")  # fmt: skip
+    parser.add_argument(
+        "--follow-up",
+        choices=FOLLOW_UPS,
+        default="last",
+        help="follow-up session: the last (default) or the one after the baseline",
+    )
     parser.add_argument("--suffix", default="T1w", help="BIDS suffix of the scans (default T1w)")
 
 

@@ -32,7 +32,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.sampling import check_train_size, cohort_splits, epoch_sampler
-from datamodules.scans import augment_training_batch, collate_subjects, default_cache_dir, preprocessing, settings_key, transform_key
+from datamodules.scans import (
+    augment_training_batch,
+    collate_subjects,
+    default_cache_dir,
+    preprocessing,
+    settings_key,
+    transform_key,
+)
 from rmr_lightning.algorithms import GraphAlgorithm, NetworkDiffusion
 from rmr_lightning.anatomy import Anatomy, load_anatomy
 from rmr_lightning.batches import ScanBatch
@@ -108,7 +115,9 @@ def subject_anatomy(anatomy: Anatomy, warp: tio.Transform | None) -> tuple[Tenso
     return gm, wm, csf, subject["labels"].data[0].long()
 
 
-def render_tissues(gm: Tensor, wm: Tensor, csf: Tensor, labels: Tensor, atrophy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def render_tissues(
+    gm: Tensor, wm: Tensor, csf: Tensor, labels: Tensor, atrophy: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Each region's grey matter thinned by its atrophy (R,); the lost fraction becomes CSF. (X, Y, Z) each."""
     per_voxel = torch.cat([atrophy.new_zeros(1), atrophy])[labels]  # 0 outside the regions
     lost = gm * per_voxel
@@ -140,7 +149,10 @@ def scanner_effects(modality: str, spatial_jitter: float = 0.0) -> tuple[tio.Tra
         intensity = [
             tio.RandomBiasField(coefficients=0.01, order=2, p=0.8),  # residual bias after N4 correction
             tio.RandomGamma(log_gamma=0.02, p=0.5),
-            tio.OneOf({tio.RandomGhosting(intensity=(0.05, 0.15)): 0.5, tio.RandomMotion(degrees=0.5, translation=0.5): 0.5}, p=0.1),
+            tio.OneOf(
+                {tio.RandomGhosting(intensity=(0.05, 0.15)): 0.5, tio.RandomMotion(degrees=0.5, translation=0.5): 0.5},
+                p=0.1,
+            ),
             tio.RandomAnisotropy(downsampling=(1.5, 2.0), p=0.1),
             tio.RandomBlur(std=(0.0, 0.3), p=0.3),
             tio.RandomNoise(std=(0.005, 0.015)),
@@ -180,7 +192,9 @@ def render_cohort(
         global _FORKED_JOB
         _FORKED_JOB = job  # inherited by the forked workers, so the anatomy is not pickled per task
         try:
-            with multiprocessing.get_context("fork").Pool(min(workers, count), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            with multiprocessing.get_context("fork").Pool(
+                min(workers, count), initializer=torch.set_num_threads, initargs=(1,)
+            ) as pool:
                 rendered = pool.map(_render_forked, range(count), chunksize=1)
         finally:
             _FORKED_JOB = None
@@ -319,8 +333,17 @@ class BrainPhantomDataModule(L.LightningDataModule):
         return 84
 
     def _key(self, anatomy_hash: str) -> str:
-        settings = {**self.hparams, "algorithm": repr(self.algorithm), "cohort_params": self.cohort_params, "version": COHORT_VERSION, "anatomy": anatomy_hash}
-        return settings_key(settings, skip=("train_size", "subset_seed", "batch_size", "num_workers", "render_workers", "cache_dir", "augment"))
+        settings = {
+            **self.hparams,
+            "algorithm": repr(self.algorithm),
+            "cohort_params": self.cohort_params,
+            "version": COHORT_VERSION,
+            "anatomy": anatomy_hash,
+        }
+        return settings_key(
+            settings,
+            skip=("train_size", "subset_seed", "batch_size", "num_workers", "render_workers", "cache_dir", "augment"),
+        )
 
     def _generate(self, anatomy: Anatomy) -> dict[str, Tensor]:
         hp = self.hparams
@@ -328,10 +351,26 @@ class BrainPhantomDataModule(L.LightningDataModule):
         for offset, count in enumerate((hp.train_pool, hp.num_val, hp.num_test)):
             rng = np.random.default_rng(hp.seed * 1000 + offset)
             disease = simulate_disease(
-                count, rng, self.algorithm, self.cohort_params, anatomy.region_voxels_1mm > 0, hp.stage, hp.horizon, hp.age
+                count,
+                rng,
+                self.algorithm,
+                self.cohort_params,
+                anatomy.region_voxels_1mm > 0,
+                hp.stage,
+                hp.horizon,
+                hp.age,
             )
             parts.append(
-                render_cohort(anatomy, disease, hp.modality, hp.atrophy_scale, hp.ageing_rate, hp.seed * 1000 + offset, hp.spatial_jitter, self._render_workers())
+                render_cohort(
+                    anatomy,
+                    disease,
+                    hp.modality,
+                    hp.atrophy_scale,
+                    hp.ageing_rate,
+                    hp.seed * 1000 + offset,
+                    hp.spatial_jitter,
+                    self._render_workers(),
+                )
             )
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -363,7 +402,9 @@ class BrainPhantomDataModule(L.LightningDataModule):
         if path.is_file():
             cohort = torch.load(path, weights_only=True)
         else:
-            rank_zero_info(f"rendering {self.hparams.train_pool + self.hparams.num_val + self.hparams.num_test} phantom subjects -> {path}")
+            rank_zero_info(
+                f"rendering {self.hparams.train_pool + self.hparams.num_val + self.hparams.num_test} phantom subjects -> {path}"
+            )
             cohort = {**self._generate(anatomy), "affine": torch.as_tensor(anatomy.affine)}
             atomic_torch_save(cohort, path)
         if prep_path.is_file():
@@ -423,7 +464,16 @@ def _preprocess(cohort: dict[str, Tensor], transform: tio.Transform) -> dict[str
     affine = cohort["affine"].numpy()
     images, labels = [], []
     for image, label_map in zip(cohort["image"], cohort["labels"]):
-        subject = transform(tio.Subject(image=tio.ScalarImage(tensor=image.clone(), affine=affine), label_map=tio.LabelMap(tensor=label_map.long(), affine=affine)))
+        subject = transform(
+            tio.Subject(
+                image=tio.ScalarImage(tensor=image.clone(), affine=affine),
+                label_map=tio.LabelMap(tensor=label_map.long(), affine=affine),
+            )
+        )
         images.append(subject["image"].data.float())
         labels.append(subject["label_map"].data.to(torch.uint8))
-    return {"image": torch.stack(images), "labels": torch.stack(labels), "affine": torch.as_tensor(subject["image"].affine)}
+    return {
+        "image": torch.stack(images),
+        "labels": torch.stack(labels),
+        "affine": torch.as_tensor(subject["image"].affine),
+    }

@@ -31,10 +31,14 @@ _SKIP = {"self", "manifest", "predict_manifest"}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("manifest", help="the CSV manifest to check")
     parser.add_argument("--config", help="a natural config whose data.init_args set the datamodule's options")
-    parser.add_argument("--report", help="also write the problems as CSV here (pseudonyms, paths relative to the manifest)")
+    parser.add_argument(
+        "--report", help="also write the problems as CSV here (pseudonyms, paths relative to the manifest)"
+    )
     for name, param in inspect.signature(ManifestDataModule.__init__).parameters.items():
         if name not in _SKIP:
-            parser.add_argument(f"--{name}", type=yaml.safe_load, default=argparse.SUPPRESS, help=f"default {param.default!r}")
+            parser.add_argument(
+                f"--{name}", type=yaml.safe_load, default=argparse.SUPPRESS, help=f"default {param.default!r}"
+            )
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,13 +74,23 @@ def run(args: argparse.Namespace) -> int:
         console.print(line, markup=False)
     if args.report:
         folder = Path(args.manifest).resolve().parent
-        atomic_write_csv(args.report, pd.DataFrame([r for c in bad for r in c.records(folder)], columns=_REPORT_COLUMNS))
+        atomic_write_csv(
+            args.report, pd.DataFrame([r for c in bad for r in c.records(folder)], columns=_REPORT_COLUMNS)
+        )
     usable = len(checks) - len(bad)
     ok = not problems and usable > 0 and (not bad or datamodule.hparams.on_bad_subject == "skip")
     verdict = "[green]usable[/]" if ok else "[red]not usable[/]"
-    skip = " (on_bad_subject: skip leaves them out)" if bad and ok else " (fix them, or set on_bad_subject: skip)" if bad else ""
-    console.print(f"{len(checks)} rows: {usable} usable, {len(bad)} with problems{skip}; "
-                  f"{len(problems)} manifest-wide problem(s); checked in {seconds:.1f} s: {verdict}")  # fmt: skip
+    skip = (
+        " (on_bad_subject: skip leaves them out)"
+        if bad and ok
+        else " (fix them, or set on_bad_subject: skip)"
+        if bad
+        else ""
+    )
+    console.print(
+        f"{len(checks)} rows: {usable} usable, {len(bad)} with problems{skip}; "
+        f"{len(problems)} manifest-wide problem(s); checked in {seconds:.1f} s: {verdict}"
+    )
     return 0 if ok else 1
 
 

@@ -17,21 +17,41 @@ from torch import Tensor
 #: Cortical DK regions in ``regions.csv`` order (alphabetical as FreeSurfer numbers them, then the three
 #: added later) with FreeSurfer's name; label = 1000 (left) or 2000 (right) + the number.
 CORTICAL = (
-    ("Bankssts", "bankssts", 1), ("Caudalanteriorcingulate", "caudalanteriorcingulate", 2),
-    ("Caudalmiddlefrontal", "caudalmiddlefrontal", 3), ("Cuneus", "cuneus", 5), ("Entorhinal", "entorhinal", 6),
-    ("Fusiform", "fusiform", 7), ("Inferiorparietal", "inferiorparietal", 8), ("Inferiortemporal", "inferiortemporal", 9),
-    ("Isthmuscingulate", "isthmuscingulate", 10), ("Lateraloccipital", "lateraloccipital", 11),
-    ("Lateralorbitofrontal", "lateralorbitofrontal", 12), ("Lingual", "lingual", 13),
-    ("Medialorbitofrontal", "medialorbitofrontal", 14), ("Middletemporal", "middletemporal", 15),
-    ("Parahippocampal", "parahippocampal", 16), ("Paracentral", "paracentral", 17),
-    ("Parsopercularis", "parsopercularis", 18), ("Parsorbitalis", "parsorbitalis", 19),
-    ("Parstriangularis", "parstriangularis", 20), ("Pericalcarine", "pericalcarine", 21), ("Postcentral", "postcentral", 22),
-    ("Posteriorcingulate", "posteriorcingulate", 23), ("Precentral", "precentral", 24), ("Precuneus", "precuneus", 25),
-    ("Rostralanteriorcingulate", "rostralanteriorcingulate", 26), ("Rostralmiddlefrontal", "rostralmiddlefrontal", 27),
-    ("Superiorfrontal", "superiorfrontal", 28), ("Superiorparietal", "superiorparietal", 29),
-    ("Superiortemporal", "superiortemporal", 30), ("Supramarginal", "supramarginal", 31), ("Frontalpole", "frontalpole", 32),
-    ("Temporalpole", "temporalpole", 33), ("Transversetemporal", "transversetemporal", 34), ("Insula", "insula", 35),
-)  # fmt: skip
+    ("Bankssts", "bankssts", 1),
+    ("Caudalanteriorcingulate", "caudalanteriorcingulate", 2),
+    ("Caudalmiddlefrontal", "caudalmiddlefrontal", 3),
+    ("Cuneus", "cuneus", 5),
+    ("Entorhinal", "entorhinal", 6),
+    ("Fusiform", "fusiform", 7),
+    ("Inferiorparietal", "inferiorparietal", 8),
+    ("Inferiortemporal", "inferiortemporal", 9),
+    ("Isthmuscingulate", "isthmuscingulate", 10),
+    ("Lateraloccipital", "lateraloccipital", 11),
+    ("Lateralorbitofrontal", "lateralorbitofrontal", 12),
+    ("Lingual", "lingual", 13),
+    ("Medialorbitofrontal", "medialorbitofrontal", 14),
+    ("Middletemporal", "middletemporal", 15),
+    ("Parahippocampal", "parahippocampal", 16),
+    ("Paracentral", "paracentral", 17),
+    ("Parsopercularis", "parsopercularis", 18),
+    ("Parsorbitalis", "parsorbitalis", 19),
+    ("Parstriangularis", "parstriangularis", 20),
+    ("Pericalcarine", "pericalcarine", 21),
+    ("Postcentral", "postcentral", 22),
+    ("Posteriorcingulate", "posteriorcingulate", 23),
+    ("Precentral", "precentral", 24),
+    ("Precuneus", "precuneus", 25),
+    ("Rostralanteriorcingulate", "rostralanteriorcingulate", 26),
+    ("Rostralmiddlefrontal", "rostralmiddlefrontal", 27),
+    ("Superiorfrontal", "superiorfrontal", 28),
+    ("Superiorparietal", "superiorparietal", 29),
+    ("Superiortemporal", "superiortemporal", 30),
+    ("Supramarginal", "supramarginal", 31),
+    ("Frontalpole", "frontalpole", 32),
+    ("Temporalpole", "temporalpole", 33),
+    ("Transversetemporal", "transversetemporal", 34),
+    ("Insula", "insula", 35),
+)
 #: aseg structures of DK84: region stem, (left label, right label), aseg.stats names (FreeSurfer 7, then 6).
 SUBCORTICAL = (
     ("Cerebellum_Cortex", (8, 47), ("Cerebellum-Cortex",)),
@@ -58,7 +78,9 @@ def freesurfer_labels(region_names: list[str]) -> list[int]:
         table[f"{stem}_L"], table[f"{stem}_R"] = left, right
     unknown = [n for n in region_names if n not in table]
     if unknown:
-        raise ValueError(f"regions {unknown[:5]} have no FreeSurfer label; FreeSurfer label schemes need DK84 region names")
+        raise ValueError(
+            f"regions {unknown[:5]} have no FreeSurfer label; FreeSurfer label schemes need DK84 region names"
+        )
     return [table[n] for n in region_names]
 
 

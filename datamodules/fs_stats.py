@@ -74,7 +74,11 @@ def read_aparc(path: Path, hemisphere: str) -> dict[str, float]:
     side = {"lh": "L", "rh": "R"}[hemisphere]
     _, rows = read_table(path)
     names = {fs_name: stem for stem, fs_name, _ in CORTICAL}
-    return {f"{names[row['StructName']]}_{side}": _number(row, "GrayVol", path) for row in rows if row.get("StructName") in names}
+    return {
+        f"{names[row['StructName']]}_{side}": _number(row, "GrayVol", path)
+        for row in rows
+        if row.get("StructName") in names
+    }
 
 
 def write_aseg(path: Path, volumes: dict[str, float], voxels: dict[str, int], etiv: float, subject: str) -> None:
@@ -92,7 +96,9 @@ def write_aseg(path: Path, volumes: dict[str, float], voxels: dict[str, int], et
         for side, hemi, label in (("L", "Left", labels[0]), ("R", "Right", labels[1])):
             if f"{stem}_{side}" in volumes:
                 index += 1
-                lines.append(f"{index:3d} {label:5d} {voxels[f'{stem}_{side}']:8d} {volumes[f'{stem}_{side}']:12.4f}  {hemi}-{names[0]}")
+                lines.append(
+                    f"{index:3d} {label:5d} {voxels[f'{stem}_{side}']:8d} {volumes[f'{stem}_{side}']:12.4f}  {hemi}-{names[0]}"
+                )
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+
 def _symmetrise(mask: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
     upper = np.triu(mask, 1)
     weights = np.exp(sigma * rng.standard_normal(upper.shape)) * upper

@@ -84,4 +84,6 @@ class AbstractLesionDataModule(AbstractGraphDataModule):
         elif name not in ("train", "val", "in_distribution"):
             raise KeyError(name)
         lesion = torch.zeros(1, 1, dtype=torch.float64)  # one node, no edges
-        return GraphSamples([lesion], torch.zeros(count, dtype=torch.long), algorithm, seed, lesion_volumes(self.diameter_mm))
+        return GraphSamples(
+            [lesion], torch.zeros(count, dtype=torch.long), algorithm, seed, lesion_volumes(self.diameter_mm)
+        )

@@ -103,7 +103,9 @@ def _random_rotation(rng: np.random.Generator) -> Tensor:
     )
 
 
-def render_lesion(kind: int, diameter: float, size: int, spacing: float, roi_mm: float, rng: np.random.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def render_lesion(
+    kind: int, diameter: float, size: int, spacing: float, roi_mm: float, rng: np.random.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
     """One chest-CT volume (X, Y, Z) in HU with its nodule, the ROI label map and the sampling map.
 
     The ellipsoid's semi-axes multiply to ``(diameter / 2)^3``, so its volume is that of the sphere of
@@ -142,7 +144,11 @@ def render_lesion(kind: int, diameter: float, size: int, spacing: float, roi_mm:
     hu = hu * (1 - inside) + density * inside
     # scanner: resolution, calibration, noise
     hu = _gaussian_blur(hu, float(rng.uniform(0.5, 1.0)) / spacing)
-    hu = hu + float(rng.normal(0, 10)) + float(rng.uniform(15, 45)) * torch.as_tensor(rng.standard_normal(hu.shape), dtype=torch.float32)
+    hu = (
+        hu
+        + float(rng.normal(0, 10))
+        + float(rng.uniform(15, 45)) * torch.as_tensor(rng.standard_normal(hu.shape), dtype=torch.float32)
+    )
     # where a reader marks the nodule: within a millimetre of its centre
     mark = centre + torch.as_tensor(rng.uniform(-1.0, 1.0, 3), dtype=torch.float32)
     from_mark = (grid - mark).norm(dim=-1)
@@ -154,7 +160,9 @@ def render_lesion(kind: int, diameter: float, size: int, spacing: float, roi_mm:
 class _LesionSubjects(Dataset):
     """TorchIO subjects of one split; ``patch`` crops the exactly centred patch (validation, test)."""
 
-    def __init__(self, cohort: dict[str, Tensor], indices: list[int], transform: tio.Transform, patch: int | None = None) -> None:
+    def __init__(
+        self, cohort: dict[str, Tensor], indices: list[int], transform: tio.Transform, patch: int | None = None
+    ) -> None:
         self.cohort, self.indices, self.transform, self.patch = cohort, list(indices), transform, patch
 
     def __len__(self) -> int:
@@ -182,7 +190,9 @@ class _LesionSubjects(Dataset):
         shape = subject["image"].spatial_shape
         crop = [v for s, n in zip(start, shape) for v in (s, n - s - self.patch)]
         if min(crop) < 0:
-            raise ValueError(f"subject {subject['subject_id']}: the {self.patch}-voxel patch at its nodule leaves the volume {shape}")
+            raise ValueError(
+                f"subject {subject['subject_id']}: the {self.patch}-voxel patch at its nodule leaves the volume {shape}"
+            )
         return tio.Crop(tuple(crop))(subject)
 
 
@@ -284,7 +294,9 @@ class LesionCTDataModule(L.LightningDataModule):
         if patch_size > size:
             raise ValueError(f"patch_size ({patch_size}) cannot exceed the volume size ({size})")
         if (roi_mm + 2.0) / spacing > patch_size / 2:
-            raise ValueError(f"a {patch_size}-voxel patch at {spacing} mm cannot hold the {roi_mm} mm region of interest")
+            raise ValueError(
+                f"a {patch_size}-voxel patch at {spacing} mm cannot hold the {roi_mm} mm region of interest"
+            )
         self.save_hyperparameters()
         self.cohort: dict[str, Tensor] | None = None
         self.splits: dict[str, list[int]] = {}
@@ -294,7 +306,16 @@ class LesionCTDataModule(L.LightningDataModule):
         return 1
 
     def _cache_path(self) -> Path:
-        skip = ("train_size", "subset_seed", "batch_size", "num_workers", "cache_dir", "augment", "samples_per_volume", "patch_size")
+        skip = (
+            "train_size",
+            "subset_seed",
+            "batch_size",
+            "num_workers",
+            "cache_dir",
+            "augment",
+            "samples_per_volume",
+            "patch_size",
+        )
         key = settings_key({**self.hparams, "version": COHORT_VERSION}, skip)
         cache_dir = Path(self.hparams.cache_dir) if self.hparams.cache_dir else default_cache_dir()
         return cache_dir / f"lesion_ct_{key}.pt"
@@ -307,8 +328,13 @@ class LesionCTDataModule(L.LightningDataModule):
                 continue
             rng = np.random.default_rng(hp.seed * 1000 + offset)
             part = simulate_lesions(count, rng, hp.type_probs, hp.diameter_mm, hp.horizon, hp.rho)
-            volumes = [render_lesion(int(k), float(d), hp.size, hp.spacing, hp.roi_mm, rng) for k, d in zip(part["kind"], part["diameter"])]
-            part["image"] = torch.stack([v[0] for v in volumes]).round().clamp(-32768, 32767).to(torch.int16).unsqueeze(1)
+            volumes = [
+                render_lesion(int(k), float(d), hp.size, hp.spacing, hp.roi_mm, rng)
+                for k, d in zip(part["kind"], part["diameter"])
+            ]
+            part["image"] = (
+                torch.stack([v[0] for v in volumes]).round().clamp(-32768, 32767).to(torch.int16).unsqueeze(1)
+            )
             part["roi"] = torch.stack([v[1] for v in volumes]).unsqueeze(1)
             part["sampling"] = torch.stack([v[2] for v in volumes]).unsqueeze(1)
             parts.append(part)
@@ -323,7 +349,9 @@ class LesionCTDataModule(L.LightningDataModule):
         """Render and cache the cohort once (rank 0); later runs and other ranks load it."""
         path = self._cache_path()
         if not path.is_file():
-            rank_zero_info(f"rendering {self.hparams.train_pool + self.hparams.num_val + self.hparams.num_test} lesion CT subjects -> {path}")
+            rank_zero_info(
+                f"rendering {self.hparams.train_pool + self.hparams.num_val + self.hparams.num_test} lesion CT subjects -> {path}"
+            )
             atomic_torch_save(self._generate(), path)
 
     def setup(self, stage: str | None = None) -> None:
@@ -363,7 +391,13 @@ class LesionCTDataModule(L.LightningDataModule):
             verbose=False,
         )
         # the queue loads in its own workers: the loader around it must not start any
-        return DataLoader(queue, batch_size=hp.batch_size, sampler=_QueueEpochSampler(queue, hp.subset_seed), collate_fn=collate_subjects, num_workers=0)
+        return DataLoader(
+            queue,
+            batch_size=hp.batch_size,
+            sampler=_QueueEpochSampler(queue, hp.subset_seed),
+            collate_fn=collate_subjects,
+            num_workers=0,
+        )
 
     def _fixed_loader(self, name: str) -> DataLoader:
         hp = self.hparams

@@ -42,7 +42,16 @@ from datamodules.freesurfer import LABEL_SCHEMES, scheme_absent
 from datamodules.sampling import epoch_sampler, training_subset
 from datamodules.scan_cache import ScanCache, ScanSource
 from datamodules.scan_checks import Header, dicom_files, dicom_fingerprint, dicom_problems, same_space, volume_header
-from datamodules.scans import CT_WINDOW, MODALITIES, ScanBatch, augment_training_batch, collate_subjects, default_cache_dir, preprocessing, transform_key
+from datamodules.scans import (
+    CT_WINDOW,
+    MODALITIES,
+    ScanBatch,
+    augment_training_batch,
+    collate_subjects,
+    default_cache_dir,
+    preprocessing,
+    transform_key,
+)
 from rmr_lightning.files import atomic_write_csv
 
 FILE_COLUMNS = ("image", "label_map")
@@ -119,8 +128,16 @@ def _read_csv(manifest: Path) -> pd.DataFrame:
     if not records:
         raise ManifestError(manifest, ["the file is empty: no header"])
     header, body = records[0], records[1:]
-    problems = [f"column {c!r} appears {header.count(c)} times in the header" for c in sorted(set(header)) if header.count(c) > 1]
-    problems += [f"line {line}: {len(r)} cells, the header has {len(header)}" for line, r in zip(lines[1:], body) if len(r) != len(header)]
+    problems = [
+        f"column {c!r} appears {header.count(c)} times in the header"
+        for c in sorted(set(header))
+        if header.count(c) > 1
+    ]
+    problems += [
+        f"line {line}: {len(r)} cells, the header has {len(header)}"
+        for line, r in zip(lines[1:], body)
+        if len(r) != len(header)
+    ]
     if problems:
         raise ManifestError(manifest, problems)
     return pd.DataFrame(body, columns=header, index=lines[1:], dtype=str)
@@ -249,8 +266,14 @@ def _file_header(column: str, path: Path, check: _RowCheck) -> tuple[Header | No
         issues.append((column, path, "has an unreadable DICOM header"))
     elif identifies:
         check.identifies_patient = True
-        issues.append((column, path, "subject_id equals the DICOM PatientID or PatientName; "
-                       "subject_id must be a pseudonym: replace it in the manifest"))  # fmt: skip
+        issues.append(
+            (
+                column,
+                path,
+                "subject_id equals the DICOM PatientID or PatientName; "
+                "subject_id must be a pseudonym: replace it in the manifest",
+            )
+        )
     return Header((0, 0, 0), np.eye(4), 1, dicom_fingerprint(files)), issues  # space checked when read
 
 
@@ -408,7 +431,9 @@ def split_subjects(
 def _subset(train: list[ManifestRow], train_size: int | None, subset_seed: int) -> list[ManifestRow]:
     """``train_size`` of the training rows (ordered by subject_id, so the draw ignores row order)."""
     if train_size is not None and not 1 <= train_size <= len(train):
-        raise ValueError(f"train_size {train_size} is not within the {len(train)} subjects of the training split (1..{len(train)})")
+        raise ValueError(
+            f"train_size {train_size} is not within the {len(train)} subjects of the training split (1..{len(train)})"
+        )
     ordered = sorted(train, key=lambda r: r.subject_id)
     return [ordered[i] for i in training_subset(len(ordered), train_size, subset_seed)]
 
@@ -503,10 +528,14 @@ class ManifestDataModule(L.LightningDataModule):
         self._targets = list(target_columns) if target_columns is not None else dk84_region_names()
         self._baselines = list(baseline_columns) if baseline_columns is not None else None
         self._covariates = list(covariate_columns)
-        _check_arguments(self._targets, self._baselines, self._covariates, modality, shape, val_fraction, test_fraction, batch_size)
+        _check_arguments(
+            self._targets, self._baselines, self._covariates, modality, shape, val_fraction, test_fraction, batch_size
+        )
         if label_scheme not in LABEL_SCHEMES or on_bad_subject not in ("error", "skip"):
-            raise ValueError(f"label_scheme must be one of {LABEL_SCHEMES} and on_bad_subject 'error' or 'skip', "
-                             f"got {label_scheme!r}, {on_bad_subject!r}")  # fmt: skip
+            raise ValueError(
+                f"label_scheme must be one of {LABEL_SCHEMES} and on_bad_subject 'error' or 'skip', "
+                f"got {label_scheme!r}, {on_bad_subject!r}"
+            )
         self.save_hyperparameters()
         # preprocessing() copies the image's affine onto the label map: validation accepted it within AFFINE_ATOL
         self.transform = preprocessing(spacing, shape, modality, tuple(ct_window))
@@ -536,7 +565,9 @@ class ManifestDataModule(L.LightningDataModule):
     def inspect(self, manifest: str, show_progress: bool = True) -> tuple[list[_RowCheck], list[str]]:
         """Every check of a manifest, headers and then voxels (as scans enter the cache); nothing raised.
         Returns the row checks (usable rows have ``row`` set) and the manifest-wide problems."""
-        checks, problems = read_manifest(manifest, self._targets, self._baselines, self._covariates, self.hparams.label_scheme)
+        checks, problems = read_manifest(
+            manifest, self._targets, self._baselines, self._covariates, self.hparams.label_scheme
+        )
         usable = [c for c in checks if c.row is not None]
         found = self.cache.ensure([c.row.source for c in usable], self.hparams.num_workers, show_progress)
         for check, scan_problems in zip(usable, found):
@@ -559,8 +590,10 @@ class ManifestDataModule(L.LightningDataModule):
             raise ManifestError(manifest, problems)
         if bad:
             self.bad_subjects += [record for c in bad for record in c.records()]
-            rank_zero_warn(f"{len(bad)} subject(s) of {manifest} left out (on_bad_subject: skip):\n"
-                           + "\n".join(m for c in bad for m in c.messages()[:1]))  # fmt: skip
+            rank_zero_warn(
+                f"{len(bad)} subject(s) of {manifest} left out (on_bad_subject: skip):\n"
+                + "\n".join(m for c in bad for m in c.messages()[:1])
+            )
             self._write_report()
         _warn_absent(rows, self._targets)
         return rows
@@ -637,8 +670,10 @@ def _warn_absent(rows: list[ManifestRow], regions: list[str]) -> None:
     for scheme in sorted({r.source.scheme for r in rows}):
         absent = scheme_absent(scheme, regions)
         if absent:
-            rank_zero_warn(f"label scheme {scheme} does not label {', '.join(absent)}: these regions are absent from "
-                           "its label maps and are predicted without image evidence (flagged in predictions.csv)")  # fmt: skip
+            rank_zero_warn(
+                f"label scheme {scheme} does not label {', '.join(absent)}: these regions are absent from "
+                "its label maps and are predicted without image evidence (flagged in predictions.csv)"
+            )
 
 
 def _check_arguments(

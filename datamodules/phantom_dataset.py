@@ -66,13 +66,17 @@ def simulate_cohort(count: int, seed: int, modality: str, anatomy: Anatomy) -> d
     settings = BrainPhantomDataModule(modality=modality, spacing=int(anatomy.spacing), seed=seed)
     hp, rng = settings.hparams, np.random.default_rng(seed)
     observed = anatomy.region_voxels_1mm > 0
-    disease = simulate_disease(count, rng, settings.algorithm, settings.cohort_params, observed, hp.stage, hp.horizon, hp.age)
+    disease = simulate_disease(
+        count, rng, settings.algorithm, settings.cohort_params, observed, hp.stage, hp.horizon, hp.age
+    )
     return {
         "age": disease["age"].double().numpy(),
         "horizon": disease["horizon"].double().numpy(),
         "atrophy": (
             regional_atrophy(disease["x_baseline"], disease["age"], hp.atrophy_scale, hp.ageing_rate),
-            regional_atrophy(disease["x_followup"], disease["age"] + disease["horizon"], hp.atrophy_scale, hp.ageing_rate),
+            regional_atrophy(
+                disease["x_followup"], disease["age"] + disease["horizon"], hp.atrophy_scale, hp.ageing_rate
+            ),
         ),
         "contrast": tissue_contrast(modality, count, rng),
         "first_scan": rng.uniform(0, 7 * DAYS_PER_YEAR * 86400, size=count),  # seconds after FIRST_SCAN
@@ -123,7 +127,9 @@ def write_volume(path: Path, data: np.ndarray, affine: np.ndarray, mgh: bool = F
     atomic_write(path, lambda f: f.write(gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)), binary=True)
 
 
-def render_session(tissues: tuple[Tensor, Tensor, Tensor], contrast: Tensor, affine: np.ndarray, modality: str) -> np.ndarray:
+def render_session(
+    tissues: tuple[Tensor, Tensor, Tensor], contrast: Tensor, affine: np.ndarray, modality: str
+) -> np.ndarray:
     """One scan of a session's tissue (GM, WM, CSF): the subject's tissue contrast, then scanner effects."""
     gm, wm, csf = tissues
     image = contrast[0] * gm + contrast[1] * wm + contrast[2] * csf
@@ -132,7 +138,9 @@ def render_session(tissues: tuple[Tensor, Tensor, Tensor], contrast: Tensor, aff
     return subject["image"].data[0].float().numpy()
 
 
-def write_freesurfer(folder: Path, fs_labels: np.ndarray, affine: np.ndarray, volumes: np.ndarray, etiv: float, names: list[str]) -> None:
+def write_freesurfer(
+    folder: Path, fs_labels: np.ndarray, affine: np.ndarray, volumes: np.ndarray, etiv: float, names: list[str]
+) -> None:
     """``mri/aparc+aseg.mgz`` and ``stats/{aseg,lh.aparc,rh.aparc}.stats`` of one session."""
     write_volume(folder / "mri" / "aparc+aseg.mgz", fs_labels, affine, mgh=True)
     present = {n: float(v) for n, v in zip(names, volumes) if np.isfinite(v)}
@@ -146,7 +154,9 @@ def write_freesurfer(folder: Path, fs_labels: np.ndarray, affine: np.ndarray, vo
 def write_sessions_tsv(out: Path, subject: str, age: float, horizon: float, first: float) -> None:
     """``sub-X_sessions.tsv``: each session's acquisition time and age."""
     times = session_times(first, horizon)
-    sessions = pd.DataFrame({"session_id": SESSIONS, "acq_time": [t.isoformat() for t in times], "age": [age, round(age + horizon, 2)]})
+    sessions = pd.DataFrame(
+        {"session_id": SESSIONS, "acq_time": [t.isoformat() for t in times], "age": [age, round(age + horizon, 2)]}
+    )
     atomic_write_text(out / subject / f"{subject}_sessions.tsv", sessions.to_csv(sep="\t", index=False))
 
 
@@ -171,11 +181,15 @@ def write_subject(out: Path, i: int, cohort: dict, anatomy: Anatomy, modality: s
     truth = [np.where(present, cohort["atrophy"][k][i].double().numpy(), np.nan) for k in range(2)]
     image = f"{subject}/{SESSIONS[0]}/anat/{subject}_{SESSIONS[0]}_{suffix}.nii.gz"
     label_map = f"derivatives/freesurfer/{subject}_{SESSIONS[0]}/mri/aparc+aseg.mgz"
-    row = dict(zip(COLUMNS, [subject, image, label_map, "aparc+aseg", age, horizon, *SESSIONS, "simulated"], strict=True))
+    row = dict(
+        zip(COLUMNS, [subject, image, label_map, "aparc+aseg", age, horizon, *SESSIONS, "simulated"], strict=True)
+    )
     return row | dict(zip([f"base_{n}" for n in names], truth[0])) | dict(zip(names, truth[1]))
 
 
-def write_dataset(out: Path, subjects: int, spacing: int, seed: int = 0, modality: str = "mri", progress: bool = True) -> pd.DataFrame:
+def write_dataset(
+    out: Path, subjects: int, spacing: int, seed: int = 0, modality: str = "mri", progress: bool = True
+) -> pd.DataFrame:
     """The whole dataset under ``out``; returns the truth table (also written to ``out/truth.csv``)."""
     from rich.progress import track
 
@@ -186,9 +200,14 @@ def write_dataset(out: Path, subjects: int, spacing: int, seed: int = 0, modalit
     common = {"BIDSVersion": "1.9.0", "GeneratedBy": [{"Name": "rmr-data phantoms"}]}
     name = f"rmr_lightning brain phantoms (seed {seed}, {spacing} mm, {modality})"
     atomic_write_json(out / "dataset_description.json", {"Name": name, "DatasetType": "raw"} | common)
-    fs_description = {"Name": "FreeSurfer-like outputs of the phantoms (exact partial volumes)", "DatasetType": "derivative"}
+    fs_description = {
+        "Name": "FreeSurfer-like outputs of the phantoms (exact partial volumes)",
+        "DatasetType": "derivative",
+    }
     atomic_write_json(out / "derivatives" / "freesurfer" / "dataset_description.json", fs_description | common)
-    participants = pd.DataFrame({"participant_id": [r["subject_id"] for r in rows], "age": [r["age"] for r in rows], "sex": cohort["sex"]})
+    participants = pd.DataFrame(
+        {"participant_id": [r["subject_id"] for r in rows], "age": [r["age"] for r in rows], "sex": cohort["sex"]}
+    )
     atomic_write_text(out / "participants.tsv", participants.to_csv(sep="\t", index=False))
     truth = pd.DataFrame(rows)
     atomic_write_csv(out / "truth.csv", truth)
@@ -200,7 +219,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subjects", type=int, required=True, help="number of subjects")
     parser.add_argument("--spacing", type=int, required=True, help="isotropic voxel size in mm (1..8; 4 on a laptop)")
     parser.add_argument("--seed", type=int, default=0, help="the dataset is a function of it (default 0)")
-    parser.add_argument("--modality", choices=("mri", "ct"), default="mri", help="T1-weighted MRI (default) or CT in HU")
+    parser.add_argument(
+        "--modality", choices=("mri", "ct"), default="mri", help="T1-weighted MRI (default) or CT in HU"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -93,7 +93,9 @@ class ScanCache:
         if image is not None:
             problems += [("image", what) for what in image_content(image.data)]
         if labels is not None:
-            problems += [("label_map", what) for what in label_content(labels.data, len(self.region_names), source.scheme)]
+            problems += [
+                ("label_map", what) for what in label_content(labels.data, len(self.region_names), source.scheme)
+            ]
         if image is not None and labels is not None:
             loaded = [Header(i.spatial_shape, i.affine, 1, "") for i in (image, labels)]
             problems += [("label_map", what)] if (what := same_space(*loaded)) else []
@@ -110,19 +112,26 @@ class ScanCache:
                 out = self.transform(subject)
         except Exception as e:  # e.g. a normalisation mask that selects nothing
             return [("image", f"preprocessing failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")]
-        result = [("image", what) for what in brain_content(out["image"].data, out["label_map"].data, " after preprocessing")]
+        result = [
+            ("image", what) for what in brain_content(out["image"].data, out["label_map"].data, " after preprocessing")
+        ]
         if result:
             return result
         small = torch.uint8 if len(self.region_names) < 256 else torch.int16
-        return {"image": out["image"].data.float().contiguous(), "label_map": out["label_map"].data.to(small).contiguous(),
-                "affine": torch.as_tensor(out["image"].affine, dtype=torch.float64)}  # fmt: skip
+        return {
+            "image": out["image"].data.float().contiguous(),
+            "label_map": out["label_map"].data.to(small).contiguous(),
+            "affine": torch.as_tensor(out["image"].affine, dtype=torch.float64),
+        }
 
     def _lookup(self, scheme: str) -> Tensor | None:
         if scheme not in self._lookups:
             self._lookups[scheme] = label_lookup(scheme, self.region_names)
         return self._lookups[scheme]
 
-    def ensure(self, sources: list[ScanSource], num_workers: int = 0, show_progress: bool = True) -> list[list[Problem]]:
+    def ensure(
+        self, sources: list[ScanSource], num_workers: int = 0, show_progress: bool = True
+    ) -> list[list[Problem]]:
         """Build every entry not cached yet (in ``num_workers`` processes); the problems of every source."""
         found = [self.status(s) for s in sources]
         missing = [i for i, status in enumerate(found) if status is None]
@@ -142,7 +151,9 @@ class ScanCache:
         try:
             return torch.load(entry, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
-            raise RuntimeError(f"cache entry {entry} is unreadable ({type(e).__name__}); delete it to rebuild it") from e
+            raise RuntimeError(
+                f"cache entry {entry} is unreadable ({type(e).__name__}); delete it to rebuild it"
+            ) from e
 
 
 class _BuildJobs(Dataset):
@@ -194,5 +205,11 @@ def _rotate_for_rank(indices: list[int]) -> list[int]:
 
 
 def _progress(show: bool) -> Progress:
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     return Progress(*columns, disable=not show, transient=False)

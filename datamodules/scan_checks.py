@@ -96,7 +96,9 @@ def volume_header(path: Path) -> tuple[Header | None, list[str]]:
     try:
         image = nib.load(path)
     except Exception as e:  # not an image nibabel knows, or a damaged header
-        return None, [f"could not be read as an image ({type(e).__name__}: {_first_line(e).replace(str(path), 'the file')})"]
+        return None, [
+            f"could not be read as an image ({type(e).__name__}: {_first_line(e).replace(str(path), 'the file')})"
+        ]
     if not isinstance(image, nib.spatialimages.SpatialImage):
         return None, [f"is a {type(image).__name__}, not a volume"]
     shape = tuple(int(s) for s in image.shape)
@@ -143,9 +145,14 @@ def _slice_problem(file: Path) -> tuple[float | None, str | None]:
         return None, f"slice {file.name} has no pixel data"
     if not ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ExplicitVRLittleEndian).is_compressed:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames * int(ds.BitsAllocated) // 8
+        expected = (
+            int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * frames * int(ds.BitsAllocated) // 8
+        )
         if len(pixels) < expected:
-            return None, f"slice {file.name} holds {len(pixels)} pixel bytes, its header promises {expected} (truncated)"
+            return (
+                None,
+                f"slice {file.name} holds {len(pixels)} pixel bytes, its header promises {expected} (truncated)",
+            )
     orientation, position = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")
     if orientation is None or position is None:
         return None, None
@@ -158,8 +165,13 @@ def dicom_problems(path: Path, files: list[str]) -> list[str]:
     problems = []
     if path.is_dir():
         readable = {str(f) for f in files}
-        strays = [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".") and str(f) not in readable]
-        problems += [f"file {f.name} in the series folder is not part of the series (unreadable or damaged slice)" for f in strays]
+        strays = [
+            f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".") and str(f) not in readable
+        ]
+        problems += [
+            f"file {f.name} in the series folder is not part of the series (unreadable or damaged slice)"
+            for f in strays
+        ]
     positions = []
     for file in files:
         position, why = _slice_problem(Path(file))
@@ -172,7 +184,9 @@ def dicom_problems(path: Path, files: list[str]) -> list[str]:
         typical = float(np.median(steps))
         gaps = steps[steps > SLICE_GAP_FACTOR * typical] if typical > 0 else []
         if len(gaps):
-            problems.append(f"{len(gaps)} gap(s) of up to {float(max(gaps)):.2f} mm between slices spaced {typical:.2f} mm: a slice is missing")
+            problems.append(
+                f"{len(gaps)} gap(s) of up to {float(max(gaps)):.2f} mm between slices spaced {typical:.2f} mm: a slice is missing"
+            )
     return problems
 
 
@@ -185,8 +199,10 @@ def same_space(image: Header, labels: Header) -> str | None:
         return f"spatial shape {labels.shape} differs from the image's {image.shape}"
     gap = float(np.abs(image.affine - labels.affine).max())
     if gap > AFFINE_ATOL:
-        return (f"affine differs from the image's by up to {gap:.3g} mm (tolerance {AFFINE_ATOL}); "
-                "the label map must be in the image's voxel space")  # fmt: skip
+        return (
+            f"affine differs from the image's by up to {gap:.3g} mm (tolerance {AFFINE_ATOL}); "
+            "the label map must be in the image's voxel space"
+        )
     return None
 
 
@@ -229,8 +245,10 @@ def label_content(data: Tensor, num_regions: int, scheme: str) -> list[str]:
     if low < 0:
         return [f"has negative label {low}"]
     if scheme == "dk84" and high > num_regions:
-        return [f"has label {high} > R = {num_regions} (one region per target column); allowed: 0..{num_regions} "
-                "(FreeSurfer label maps: set label_scheme to aparc+aseg)"]  # fmt: skip
+        return [
+            f"has label {high} > R = {num_regions} (one region per target column); allowed: 0..{num_regions} "
+            "(FreeSurfer label maps: set label_scheme to aparc+aseg)"
+        ]
     return []
 
 

@@ -20,7 +20,16 @@ import torchio as tio
 
 from rmr_lightning.batches import ScanBatch
 
-__all__ = ["CT_WINDOW", "MODALITIES", "ScanBatch", "augment_training_batch", "collate_subjects", "ct_windowing", "default_cache_dir", "preprocessing"]
+__all__ = [
+    "CT_WINDOW",
+    "MODALITIES",
+    "ScanBatch",
+    "augment_training_batch",
+    "collate_subjects",
+    "ct_windowing",
+    "default_cache_dir",
+    "preprocessing",
+]
 
 MODALITIES = ("mri", "ct")
 #: Brain window for CT in Hounsfield units (level 40, width 80).

@@ -44,8 +44,13 @@ FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (FORMAT_VERSION,)
 LINEAR_CLASS_PATHS = ("torch.nn.Linear", "torch.nn.modules.linear.Linear")
 PARTS = ("processor", "encoder", "decoder", "configs", "abstract_spec")
-PART_NAMES = {"processor": "processor weights", "encoder": "encoder (f) weights", "decoder": "decoder (g) weights",
-              "configs": "rebuild configs", "abstract_spec": "abstract_spec"}  # fmt: skip
+PART_NAMES = {
+    "processor": "processor weights",
+    "encoder": "encoder (f) weights",
+    "decoder": "decoder (g) weights",
+    "configs": "rebuild configs",
+    "abstract_spec": "abstract_spec",
+}
 PLAIN_SCALARS = (int, float, str, bool, type(None))
 
 
@@ -74,7 +79,11 @@ def json_sha256(value: Any) -> str:
 
 def part_digests(payload: dict[str, Any]) -> dict[str, str]:
     """sha256 of each part of an artifact that shapes the model (``PARTS``)."""
-    configs = {"processor": payload["config"], "encoder": payload["encoder"]["config"], "decoder": payload["decoder"]["config"]}
+    configs = {
+        "processor": payload["config"],
+        "encoder": payload["encoder"]["config"],
+        "decoder": payload["decoder"]["config"],
+    }
     return {
         "processor": state_dict_sha256(payload["state_dict"]),
         "encoder": state_dict_sha256(payload["encoder"]["state_dict"]),
@@ -97,7 +106,11 @@ def class_path(obj: object) -> str:
 def linear_config(layer: nn.Linear) -> dict[str, Any]:
     return {
         "class_path": "torch.nn.Linear",
-        "init_args": {"in_features": layer.in_features, "out_features": layer.out_features, "bias": layer.bias is not None},
+        "init_args": {
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "bias": layer.bias is not None,
+        },
     }
 
 
@@ -256,7 +269,9 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, or holding objects other than tensors and plain values
-        raise ArtifactError(f"{path}: not a readable processor artifact ({type(err).__name__}: {str(err)[:300]})") from err
+        raise ArtifactError(
+            f"{path}: not a readable processor artifact ({type(err).__name__}: {str(err)[:300]})"
+        ) from err
     required = ("state_dict", "config", "sha256", "encoder", "decoder", "abstract_spec")
     if not isinstance(payload, dict) or any(k not in payload for k in required):
         present = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
@@ -268,7 +283,9 @@ def _read(path: Path) -> dict[str, Any]:
             "(whose hash also covers the configs and abstract_spec); re-run `make pretrain` (or the pretraining "
             "that wrote it) to write it anew"
         )
-    if not all(isinstance(payload[k], dict) and {"state_dict", "config"} <= set(payload[k]) for k in ("encoder", "decoder")):
+    if not all(
+        isinstance(payload[k], dict) and {"state_dict", "config"} <= set(payload[k]) for k in ("encoder", "decoder")
+    ):
         raise ArtifactError(f"{path}: not a processor artifact (encoder and decoder need a state_dict and a config)")
     return payload
 
@@ -282,16 +299,22 @@ def _verify(payload: dict[str, Any], path: Path) -> None:
     recorded = payload.get("digests") if isinstance(payload.get("digests"), dict) else {}
     differ = [PART_NAMES[p] for p in PARTS if recorded.get(p) != actual[p]]
     if differ:
-        raise ArtifactError(f"{path}: corrupt or edited: the {', '.join(differ)} differ from the digests recorded in the file; re-run `make pretrain`")
+        raise ArtifactError(
+            f"{path}: corrupt or edited: the {', '.join(differ)} differ from the digests recorded in the file; re-run `make pretrain`"
+        )
     if payload["sha256"] != content_sha256(actual):
-        raise ArtifactError(f"{path}: corrupt: the content sha256 {str(payload['sha256'])[:12]}... differs from that of its parts")
+        raise ArtifactError(
+            f"{path}: corrupt: the content sha256 {str(payload['sha256'])[:12]}... differs from that of its parts"
+        )
 
 
 def _warn_if_cut_short(metrics: dict[str, Any], path: Path) -> None:
     """A P whose pretraining stopped before its planned steps is weaker than its config promises: say so."""
     done, planned = metrics.get("completed_steps"), metrics.get("planned_steps")
     stopped = metrics.get("stopped_by")
-    if stopped in (None, "max_steps", "max_epochs") and not (isinstance(done, (int, float)) and isinstance(planned, (int, float)) and done < planned):
+    if stopped in (None, "max_steps", "max_epochs") and not (
+        isinstance(done, (int, float)) and isinstance(planned, (int, float)) and done < planned
+    ):
         return
     warnings.warn(
         f"{path}: P was pretrained for {done} of {planned} planned steps (stopped by {stopped}); it may be weaker "
@@ -308,7 +331,9 @@ def load_processor_artifact(path: str | Path, expected_hidden_dim: int | None = 
     _verify(payload, path)
     processor = _build(payload["config"], payload["state_dict"], path, "processor")
     if expected_hidden_dim is not None and processor.hidden_dim != expected_hidden_dim:
-        raise ArtifactError(f"{path}: processor width {processor.hidden_dim} differs from the expected {expected_hidden_dim}")
+        raise ArtifactError(
+            f"{path}: processor width {processor.hidden_dim} differs from the expected {expected_hidden_dim}"
+        )
     encoder = _build(payload["encoder"]["config"], payload["encoder"]["state_dict"], path, "encoder")
     decoder = _build(payload["decoder"]["config"], payload["decoder"]["state_dict"], path, "decoder")
     metrics = dict(payload.get("metrics") or {})

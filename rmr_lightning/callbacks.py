@@ -23,11 +23,16 @@ VAL_CURVE_HEADER = "step,seconds,train_seconds,val_r2_delta\n"
 def stopping_reason(trainer: L.Trainer) -> dict[str, Any]:
     """How many of the planned optimiser steps ran and what ended the fit (``max_steps``, ``max_time``,
     ``interrupted`` or ``stopped_early``), so a P trained on a fraction of its schedule says so."""
-    planned = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+    planned = (
+        trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+    )
     done = int(trainer.global_step)
     if done >= planned:
         reason = "max_steps"
-    elif any(isinstance(cb, Timer) and cb.time_remaining() is not None and cb.time_remaining() <= 0 for cb in trainer.callbacks):
+    elif any(
+        isinstance(cb, Timer) and cb.time_remaining() is not None and cb.time_remaining() <= 0
+        for cb in trainer.callbacks
+    ):
         reason = "max_time"
     elif trainer.interrupted:
         reason = "interrupted"
@@ -71,10 +76,14 @@ class PretrainingArtifacts(L.Callback):
     def throughput(self) -> float:
         return self._graphs / self._seconds if self._seconds else float("nan")
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._seconds += time.perf_counter() - self._start
         self._graphs += int(getattr(batch, "num_graphs", 0)) * trainer.world_size
 
@@ -106,7 +115,9 @@ class PretrainingArtifacts(L.Callback):
             metrics=stats,
         )
         atomic_write_json(self.dirpath / "fit_stats.json", {**stats, "sha256": sha})
-        rank_zero_info(f"processor artifact: {self.dirpath / 'processor.pt'} (sha256 {sha[:12]}), {self.throughput:.0f} graphs/s")
+        rank_zero_info(
+            f"processor artifact: {self.dirpath / 'processor.pt'} (sha256 {sha[:12]}), {self.throughput:.0f} graphs/s"
+        )
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:

@@ -54,7 +54,9 @@ def _newest_first(dirs: list[Path], pattern: str) -> list[Path]:
 def newest_intact(dirs: list[Path]) -> tuple[Path, dict[str, Any]] | None:
     """The newest ``last*.ckpt`` that reads whole, else the newest other checkpoint that does; a damaged
     newer file is passed over with a warning naming it. None when the folders hold no checkpoint."""
-    candidates = _newest_first(dirs, "last*.ckpt") + [p for p in _newest_first(dirs, "*.ckpt") if not p.name.startswith("last")]
+    candidates = _newest_first(dirs, "last*.ckpt") + [
+        p for p in _newest_first(dirs, "*.ckpt") if not p.name.startswith("last")
+    ]
     damaged = []
     for path in candidates:
         try:
@@ -63,10 +65,14 @@ def newest_intact(dirs: list[Path]) -> tuple[Path, dict[str, Any]] | None:
             damaged.append(str(err))
             continue
         if damaged:
-            rank_zero_warn(f"passing over damaged checkpoints ({'; '.join(damaged)}); resuming from {path}, the newest intact one")
+            rank_zero_warn(
+                f"passing over damaged checkpoints ({'; '.join(damaged)}); resuming from {path}, the newest intact one"
+            )
         return path, checkpoint
     if damaged:
-        raise CheckpointError(f"--ckpt_path last: no intact checkpoint in {[str(d) for d in dirs]}: {'; '.join(damaged)}")
+        raise CheckpointError(
+            f"--ckpt_path last: no intact checkpoint in {[str(d) for d in dirs]}: {'; '.join(damaged)}"
+        )
     return None
 
 
@@ -94,8 +100,14 @@ def best_checkpoint(callbacks: list[Any] | None) -> Path:
         )
     last, checkpoint = found
     states = checkpoint.get("callbacks", {})
-    best = [v.get("best_model_path") for k, v in states.items() if str(k).startswith("ModelCheckpoint") and isinstance(v, dict)]
+    best = [
+        v.get("best_model_path")
+        for k, v in states.items()
+        if str(k).startswith("ModelCheckpoint") and isinstance(v, dict)
+    ]
     best = [Path(b) for b in best if b and Path(b).is_file()]
     if not best:
-        raise CheckpointError(f"--ckpt_path best: {last} records no best checkpoint that still exists; pass the checkpoint file")
+        raise CheckpointError(
+            f"--ckpt_path best: {last} records no best checkpoint that still exists; pass the checkpoint file"
+        )
     return best[0]

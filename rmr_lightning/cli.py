@@ -14,7 +14,6 @@ import os
 import sys
 import warnings
 from pathlib import Path
-
 from typing import Any
 
 from jsonargparse import Namespace
@@ -74,7 +73,8 @@ def _check_preprocessing(checkpoint: dict[str, Any], data: Namespace | None, ckp
     if differ:
         raise ValueError(
             f"{ckpt_path} was fitted with other preprocessing than this run's data; pass "
-            + ", ".join(differ) + " so the scans are prepared as the model saw them in training"
+            + ", ".join(differ)
+            + " so the scans are prepared as the model saw them in training"
         )
 
 
@@ -159,7 +159,9 @@ class RMRCLI(LightningCLI):
             return super()._parse_ckpt_path()
         accepted = inspect.signature(_checkpoint_model_class(class_path, self.config[subcommand], ckpt_path)).parameters
         kwargs = {k: v for k, v in hparams.items() if k in accepted}
-        self.config = self.parser.parse_object({subcommand: {"model": {"class_path": class_path, "dict_kwargs": kwargs}}}, self.config)
+        self.config = self.parser.parse_object(
+            {subcommand: {"model": {"class_path": class_path, "dict_kwargs": kwargs}}}, self.config
+        )
 
     def before_instantiate_classes(self) -> None:
         """Expand environment variables in ``default_root_dir`` and fill ``{default_root_dir}`` in the callbacks
@@ -195,9 +197,13 @@ class RMRCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         # The pretraining module's input layout comes from the datamodule's algorithm.
-        parser.link_arguments("data", "model.init_args.abstract_spec", compute_fn=_data_abstract_spec, apply_on="instantiate")
+        parser.link_arguments(
+            "data", "model.init_args.abstract_spec", compute_fn=_data_abstract_spec, apply_on="instantiate"
+        )
         # The fine-tuning module reads covariates in the order the datamodule writes them.
-        parser.link_arguments("data", "model.init_args.covariate_names", compute_fn=_data_covariate_names, apply_on="instantiate")
+        parser.link_arguments(
+            "data", "model.init_args.covariate_names", compute_fn=_data_covariate_names, apply_on="instantiate"
+        )
 
 
 def _with_default_config(args: list[str]) -> list[str]:

@@ -32,7 +32,9 @@ def graph_tensors(connectivity: Tensor) -> tuple[Tensor, Tensor]:
     return torch.stack([src, dst]), weight
 
 
-def batch_graph(edge_index: Tensor, edge_weight: Tensor, num_nodes: int, num_graphs: int) -> tuple[Tensor, Tensor, Tensor]:
+def batch_graph(
+    edge_index: Tensor, edge_weight: Tensor, num_nodes: int, num_graphs: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """The same graph repeated ``num_graphs`` times in PyG's flat layout: (edge_index, edge_weight, batch)."""
     offsets = (torch.arange(num_graphs, device=edge_index.device) * num_nodes).repeat_interleave(edge_index.shape[1])
     edges = edge_index.repeat(1, num_graphs) + offsets

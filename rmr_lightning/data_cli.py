@@ -18,8 +18,14 @@ import sys
 #: name -> (module, one-line help); the module's docstring is the subcommand's full description.
 SUBCOMMANDS = {
     "check": ("datamodules.check", "vet a manifest before a cluster job: every check, voxels included, no training"),
-    "bids": ("datamodules.bids", "build a manifest from a longitudinal BIDS dataset with FreeSurfer/FastSurfer outputs"),
-    "phantoms": ("datamodules.phantom_dataset", "write brain phantoms as a BIDS dataset with FreeSurfer-like outputs and the truth"),
+    "bids": (
+        "datamodules.bids",
+        "build a manifest from a longitudinal BIDS dataset with FreeSurfer/FastSurfer outputs",
+    ),
+    "phantoms": (
+        "datamodules.phantom_dataset",
+        "write brain phantoms as a BIDS dataset with FreeSurfer-like outputs and the truth",
+    ),
 }
 
 

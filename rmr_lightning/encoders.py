@@ -75,11 +75,17 @@ class RegionCNN(nn.Module):
         std = (square - mean * mean).clamp_min(0.0).sqrt()
         pooled = [mean, std]
         if self.histogram_bins:
-            pooled.append(pool_regions(soft_histogram(image, self.histogram_bins, self.histogram_range), labels, num_regions, checked=True)[0])
+            pooled.append(
+                pool_regions(
+                    soft_histogram(image, self.histogram_bins, self.histogram_range), labels, num_regions, checked=True
+                )[0]
+            )
         features = image.contiguous(memory_format=torch.channels_last_3d)
         for stage, stride in ((self.scale2, 2), (self.scale4, 4), (self.scale8, 8)):
             features = stage(features)  # (B, w, X/stride, Y/stride, Z/stride)
-            lab = labels[:, :, ::stride, ::stride, ::stride][:, :, : features.shape[2], : features.shape[3], : features.shape[4]]
+            lab = labels[:, :, ::stride, ::stride, ::stride][
+                :, :, : features.shape[2], : features.shape[3], : features.shape[4]
+            ]
             pooled.append(pool_regions(features, lab, num_regions, checked=True)[0])
         return self.fuse(torch.cat(pooled, dim=-1)), counts
 
@@ -149,7 +155,11 @@ def region_moments(image: Tensor, labels: Tensor, num_regions: int) -> tuple[Ten
     sums = []
     for channel in image.unbind(1):  # (B, X, Y, Z)
         values = channel.reshape(-1)
-        sums.append(torch.stack([torch.bincount(index, values, minlength=rows), torch.bincount(index, values * values, minlength=rows)]))
+        sums.append(
+            torch.stack(
+                [torch.bincount(index, values, minlength=rows), torch.bincount(index, values * values, minlength=rows)]
+            )
+        )
     totals = torch.stack(sums, dim=-1).reshape(2, b, num_regions + 1, c)[:, :, 1:].to(image.dtype)  # (2, B, R, C)
     mean, square = totals / counts.clamp_min(1).unsqueeze(-1)
     return mean, square, counts

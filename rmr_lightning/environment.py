@@ -18,7 +18,18 @@ import torch
 
 ENVIRONMENT_FILE = "environment.json"
 # The packages whose arithmetic or defaults reach a result (data, rendering, training).
-PACKAGES = ("torch", "lightning", "torch-geometric", "torchio", "numpy", "scipy", "nibabel", "nilearn", "SimpleITK", "jsonargparse")
+PACKAGES = (
+    "torch",
+    "lightning",
+    "torch-geometric",
+    "torchio",
+    "numpy",
+    "scipy",
+    "nibabel",
+    "nilearn",
+    "SimpleITK",
+    "jsonargparse",
+)
 
 
 @cache  # fixed for the life of the process; read once however many runs a process makes

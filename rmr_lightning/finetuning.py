@@ -43,11 +43,11 @@ from torchmetrics import MeanAbsoluteError, MetricCollection, PearsonCorrCoef, R
 from processors.base import Processor
 from processors.mlp import MLPProcessor
 from rmr_lightning.artifact import load_processor_artifact
-from rmr_lightning.guards import check_gradients, check_loss
-from rmr_lightning.optim import configure_optimizers
 from rmr_lightning.batches import ScanBatch
 from rmr_lightning.connectome import batch_graph, graph_tensors, load_dk84
 from rmr_lightning.encoders import RegionCNN
+from rmr_lightning.guards import check_gradients, check_loss
+from rmr_lightning.optim import configure_optimizers
 
 Variant = Literal["rmr", "baseline", "scratch", "unfrozen", "random_p"]
 #: sigmoid(-3) ~ 0.05: the estimated state starts near a typical regional load.
@@ -179,7 +179,11 @@ class RegionCentring(nn.Module):
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def _sum_over_ranks(t: Tensor) -> Tensor:
@@ -343,7 +347,9 @@ class FrozenProcessorFinetuning(L.LightningModule):
         # per-subject parameters of A from the subject's mean feature and covariates, starting mid-range
         self.param_head = None
         if self.subject_params:
-            self.param_head = nn.Sequential(nn.Linear(channels + num_cov, head_hidden), nn.ReLU(), nn.Linear(head_hidden, len(self.subject_params)))
+            self.param_head = nn.Sequential(
+                nn.Linear(channels + num_cov, head_hidden), nn.ReLU(), nn.Linear(head_hidden, len(self.subject_params))
+            )
             nn.init.zeros_(self.param_head[-1].weight)
             nn.init.zeros_(self.param_head[-1].bias)
         # Cohort-level parameters of A other than time (e.g. gamma): learned, but kept inside the range P
@@ -395,7 +401,7 @@ class FrozenProcessorFinetuning(L.LightningModule):
         self.val_metrics = _stage_metrics("val")
         self.test_metrics = _stage_metrics("test")
 
-    def train(self, mode: bool = True) -> "FrozenProcessorFinetuning":
+    def train(self, mode: bool = True) -> FrozenProcessorFinetuning:
         """Lightning calls ``train()`` every epoch; frozen parts stay in eval mode."""
         super().train(mode)
         for name in self.frozen:
@@ -428,7 +434,9 @@ class FrozenProcessorFinetuning(L.LightningModule):
         high = self.max_time * (1 + 1e-6) if self.max_time else float("inf")
         outside = (horizon < 0) | (horizon > high)  # one device sync per step, as any bounds check needs
         if bool(outside.any()):
-            listed = ", ".join(f"{s} ({h:.2f})" for s, h, o in zip(subject_ids, horizon.tolist(), outside.tolist()) if o)
+            listed = ", ".join(
+                f"{s} ({h:.2f})" for s, h, o in zip(subject_ids, horizon.tolist(), outside.tolist()) if o
+            )
             raise ValueError(
                 f"subject(s) {listed}: the follow-up {self.covariate_names[self.time_covariate_index]!r} lies outside "
                 f"[0, {self.max_time}] years, the range the processor was pretrained on; pretrain with a longer time "
@@ -457,7 +465,9 @@ class FrozenProcessorFinetuning(L.LightningModule):
     def embed(self, state: Tensor, params: Tensor) -> Tensor:
         """f([x', p]) per region: states (B, R) and scaled parameters of A (B, P) -> latents (B*R, H)."""
         bsz, regions = state.shape
-        abstract = torch.cat([state.unsqueeze(-1), params.unsqueeze(1).expand(bsz, regions, -1)], dim=-1)  # (B, R, 1 + P)
+        abstract = torch.cat(
+            [state.unsqueeze(-1), params.unsqueeze(1).expand(bsz, regions, -1)], dim=-1
+        )  # (B, R, 1 + P)
         return self.abstract_encoder(abstract.reshape(bsz * regions, -1))
 
     def process(self, z: Tensor, num_subjects: int) -> Tensor:
@@ -515,7 +525,11 @@ class FrozenProcessorFinetuning(L.LightningModule):
         self.target_mean.copy_(mean)
         self.target_std.copy_(std)
         self.covariate_mean.copy_(covariates.mean(0))
-        self.covariate_std.copy_(covariates.std(0).nan_to_num(1.0).clamp_min(1e-6) if len(covariates) > 1 else torch.ones_like(self.covariate_std))
+        self.covariate_std.copy_(
+            covariates.std(0).nan_to_num(1.0).clamp_min(1e-6)
+            if len(covariates) > 1
+            else torch.ones_like(self.covariate_std)
+        )
         self.stats_ready.fill_(True)
 
     # ---- one shared step -------------------------------------------------------------------------
@@ -526,7 +540,12 @@ class FrozenProcessorFinetuning(L.LightningModule):
         terms = [
             (pred[..., 0], target[..., 0], self.target_std[0], 1.0),
             (pred[..., 1], target[..., 1], self.target_std[1], 1.0),
-            (pred[..., 1] - pred[..., 0], target[..., 1] - target[..., 0], self.target_std[2], self.hparams.change_weight),
+            (
+                pred[..., 1] - pred[..., 0],
+                target[..., 1] - target[..., 0],
+                self.target_std[2],
+                self.hparams.change_weight,
+            ),
         ]
         loss = pred.new_zeros(())
         for value, truth, scale, weight in terms:
@@ -558,7 +577,14 @@ class FrozenProcessorFinetuning(L.LightningModule):
         if stage != "train" and known.sum() > 1:
             metrics["state_corr"].update(out["readout"][known].detach(), b.state[known])
             self.log(f"{stage}/state_corr", metrics["state_corr"], **log)
-        self.log(f"{stage}/loss", loss, batch_size=b.batch_size, on_step=stage == "train", on_epoch=True, sync_dist=stage != "train")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            batch_size=b.batch_size,
+            on_step=stage == "train",
+            on_epoch=True,
+            sync_dist=stage != "train",
+        )
         return loss
 
     def training_step(self, b: ScanBatch, batch_idx: int) -> Tensor:
@@ -584,7 +610,9 @@ class FrozenProcessorFinetuning(L.LightningModule):
             "followup": out["prediction"][..., 1].cpu(),
             "baseline": out["prediction"][..., 0].cpu(),
             "state": out["readout"].cpu(),
-            "voxels": out["voxels"].cpu(),  # 0: the region is not in the label map; its values come from P and the mean alone
+            "voxels": out[
+                "voxels"
+            ].cpu(),  # 0: the region is not in the label map; its values come from P and the mean alone
         }
 
     def configure_optimizers(self) -> Any:

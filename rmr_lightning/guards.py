@@ -30,7 +30,9 @@ def check_loss(loss: Tensor, stage: str, step: int, subject_ids: Sequence[str] |
         )
 
 
-def check_gradients(parameters: Iterable[torch.nn.Parameter], step: int, subject_ids: Sequence[str] | None = None) -> None:
+def check_gradients(
+    parameters: Iterable[torch.nn.Parameter], step: int, subject_ids: Sequence[str] | None = None
+) -> None:
     """Raise ``NonFiniteError`` when a gradient is NaN or infinite, before the optimiser applies it."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if grads and not bool(torch.isfinite(torch.stack([g.detach().abs().sum() for g in grads])).all()):

@@ -54,7 +54,6 @@ class SaveAndLogConfig(SaveConfigCallback):
             else:
                 logger.log_hyperparams({"cli_config": text, "environment": environment})
 
-
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._text is not None and trainer.is_global_zero:
             self._write_beside_checkpoints(trainer, self._text)
@@ -72,7 +71,9 @@ class RunIdentity(L.Callback):
     runs), and keeps the W&B run id in checkpoints so ``--ckpt_path`` resumes the same W&B run."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        identity = {k: getattr(pl_module, a) for k, a in (("processor_sha256", "artifact_sha256"),) if hasattr(pl_module, a)}
+        identity = {
+            k: getattr(pl_module, a) for k, a in (("processor_sha256", "artifact_sha256"),) if hasattr(pl_module, a)
+        }
         if "variant" in getattr(pl_module, "hparams", {}):
             identity["variant"] = pl_module.hparams.variant
         if identity and trainer.is_global_zero:

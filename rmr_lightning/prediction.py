@@ -76,7 +76,9 @@ class RegionalPredictionWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.max_figures = max_figures
 
-    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any) -> None:
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
         outputs = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         rows = _rows(outputs, pl_module.region_names, pl_module.covariate_names)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -120,7 +122,11 @@ class GrowthPredictionWriter(RegionalPredictionWriter):
     """
 
     def __init__(
-        self, output_dir: str = "results/predictions", max_figures: int = 20, threshold_days: float = SUSPICIOUS_VDT_DAYS, unit: str = "mL"
+        self,
+        output_dir: str = "results/predictions",
+        max_figures: int = 20,
+        threshold_days: float = SUSPICIOUS_VDT_DAYS,
+        unit: str = "mL",
     ) -> None:
         super().__init__(output_dir, max_figures)
         self.threshold_days, self.unit = float(threshold_days), unit
@@ -150,7 +156,14 @@ class GrowthPredictionWriter(RegionalPredictionWriter):
             if v0 > 0:
                 threshold = [v0 * 2.0 ** (k * DAYS_PER_YEAR / self.threshold_days) for k in t]
                 ax.plot(t, threshold, "--", color="tab:red", label=f"doubling every {self.threshold_days:.0f} d")
-                ax.fill_between(t, threshold, [max(threshold[-1], v1) * 1.5] * len(t), color="tab:red", alpha=0.08, label="suspicious")
+                ax.fill_between(
+                    t,
+                    threshold,
+                    [max(threshold[-1], v1) * 1.5] * len(t),
+                    color="tab:red",
+                    alpha=0.08,
+                    label="suspicious",
+                )
             ax.plot([0.0, horizon], [v0, v1], "o-", color="tab:blue", label="predicted")
             if v0 > 0 and v1 > 0:
                 ax.set_yscale("log")
@@ -160,7 +173,11 @@ class GrowthPredictionWriter(RegionalPredictionWriter):
             if math.isfinite(vdt):
                 title = f"VDT {vdt:.0f} d: {flag}"
             else:  # inf: no growth; NaN: a volume predicted at or below zero
-                title = "no growth predicted: not suspicious" if math.isinf(vdt) else "volume predicted <= 0: no doubling time"
+                title = (
+                    "no growth predicted: not suspicious"
+                    if math.isinf(vdt)
+                    else "volume predicted <= 0: no doubling time"
+                )
             ax.set_title(title, fontsize=10)
             ax.legend(loc="upper left", fontsize=8)
         fig.suptitle(f"subject {row['subject_id']}")

@@ -23,9 +23,9 @@ from torchmetrics import MeanSquaredError, MetricCollection, R2Score
 from processors.base import Processor
 from processors.registry import resolve_processor
 from rmr_lightning.artifact import check_rebuildable
+from rmr_lightning.batches import GraphBatch
 from rmr_lightning.guards import check_loss
 from rmr_lightning.optim import configure_optimizers
-from rmr_lightning.batches import GraphBatch
 from rmr_lightning.rollout import rollout
 
 ProcessorFactory = Callable[[int], Processor]
@@ -68,7 +68,12 @@ class ProcessorPretraining(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        spec = abstract_spec or {"param_names": ["gamma", "t"], "param_scale": [0.6, 4.0], "time_param": "t", "max_time": 4.0}
+        spec = abstract_spec or {
+            "param_names": ["gamma", "t"],
+            "param_scale": [0.6, 4.0],
+            "time_param": "t",
+            "max_time": 4.0,
+        }
         self.abstract_spec = dict(spec)
         self.register_buffer("param_scale", torch.tensor(spec["param_scale"], dtype=torch.float32), persistent=False)
         self.time_index = spec["param_names"].index(spec["time_param"]) if spec.get("time_param") else None
@@ -103,17 +108,23 @@ class ProcessorPretraining(L.LightningModule):
 
     def forward(self, b: GraphBatch) -> tuple[Tensor, Tensor]:
         """Predict ``y'`` (as a rollout where a horizon exceeds the training maximum) and reconstruct ``x'``."""
-        y_hat = rollout(lambda x, p: self.step(x, p, b), b.x, b.params, self.time_index, self.max_time, b.batch, self.param_decay)
+        y_hat = rollout(
+            lambda x, p: self.step(x, p, b), b.x, b.params, self.time_index, self.max_time, b.batch, self.param_decay
+        )
         recon = self.decode(self.encode(b.x, b.params, b.batch))
         return y_hat, recon
 
     # ---- one shared step for every stage ---------------------------------------------------------
     def model_step(self, b: GraphBatch) -> tuple[Tensor, Tensor, Tensor]:
         y_hat, recon = self(b)
-        loss = nn.functional.mse_loss(y_hat, b.y) + self.hparams.reconstruction_weight * nn.functional.mse_loss(recon, b.x)
+        loss = nn.functional.mse_loss(y_hat, b.y) + self.hparams.reconstruction_weight * nn.functional.mse_loss(
+            recon, b.x
+        )
         return loss, y_hat - b.x, b.y - b.x
 
-    def _log_stage(self, stage: str, metrics: MetricCollection, b: GraphBatch, loss: Tensor, delta_hat: Tensor, delta: Tensor) -> None:
+    def _log_stage(
+        self, stage: str, metrics: MetricCollection, b: GraphBatch, loss: Tensor, delta_hat: Tensor, delta: Tensor
+    ) -> None:
         check_loss(loss, stage, self.global_step)
         metrics(delta_hat, delta)
         self.log(f"{stage}/loss", loss, batch_size=b.num_graphs, prog_bar=stage != "test", sync_dist=stage != "train")

@@ -28,7 +28,11 @@ def slice_panel(image: Tensor, labels: Tensor) -> np.ndarray:
 
     inside = torch.nonzero(labels > 0)
     centre = inside.float().mean(0).round().long().tolist() if len(inside) else [s // 2 for s in image.shape]
-    views = [(image[centre[0]], labels[centre[0]]), (image[:, centre[1]], labels[:, centre[1]]), (image[:, :, centre[2]], labels[:, :, centre[2]])]
+    views = [
+        (image[centre[0]], labels[centre[0]]),
+        (image[:, centre[1]], labels[:, centre[1]]),
+        (image[:, :, centre[2]], labels[:, :, centre[2]]),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.6))
     low, high = np.percentile(image.numpy(), [1, 99])
     for ax, (img, lab) in zip(axes, views):
@@ -61,7 +65,13 @@ class LogScanSlices(L.Callback):
         self._done = False
 
     def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if self._done or trainer.sanity_checking or batch_idx != 0 or not trainer.is_global_zero:
             return

@@ -39,11 +39,27 @@ from rmr_lightning.files import atomic_savefig, atomic_write_csv, atomic_write_j
 from rmr_lightning.plotting import pyplot
 
 COLUMNS = [
-    "task", "variant", "n_train", "seed", "test_mae", "test_r2", "test_mae_followup", "test_state_corr",
-    "val_mae", "seconds", "checkpoint", "processor_artifact", "processor_sha256",
-]  # fmt: skip
+    "task",
+    "variant",
+    "n_train",
+    "seed",
+    "test_mae",
+    "test_r2",
+    "test_mae_followup",
+    "test_state_corr",
+    "val_mae",
+    "seconds",
+    "checkpoint",
+    "processor_artifact",
+    "processor_sha256",
+]
 VARIANT_ORDER = ["rmr", "unfrozen", "scratch", "random_p", "baseline"]
-SUMMARY_FILES = ("summary.csv", "summary.md", "sample_efficiency.png", ENVIRONMENT_FILE)  # what run_study writes in output_dir
+SUMMARY_FILES = (
+    "summary.csv",
+    "summary.md",
+    "sample_efficiency.png",
+    ENVIRONMENT_FILE,
+)  # what run_study writes in output_dir
 
 
 @dataclass
@@ -92,7 +108,13 @@ def _logger_arg(kind: str, folder: Path, study: Study, name: str) -> list[str]:
         "tensorboard": ("lightning.pytorch.loggers.TensorBoardLogger", {"save_dir": str(folder), "name": "logs"}),
         "wandb": (
             "lightning.pytorch.loggers.WandbLogger",
-            {"save_dir": str(folder), "project": "rmr_lightning", "group": f"study-{study.task}", "name": name, "job_type": "study-run"},
+            {
+                "save_dir": str(folder),
+                "project": "rmr_lightning",
+                "group": f"study-{study.task}",
+                "name": name,
+                "job_type": "study-run",
+            },
         ),
     }
     if kind not in classes:
@@ -110,7 +132,9 @@ def _run_args(study: Study, variant: str, n_train: int, seed: int) -> tuple[str,
     folder = run_dir(study, variant, n_train, seed)
     name = folder.name
     args = [
-        "--config", study.base_config, *study.overrides,
+        "--config",
+        study.base_config,
+        *study.overrides,
         f"--seed_everything={seed}",
         f"--model.init_args.variant={variant}",
         f"--data.init_args.train_size={n_train}",
@@ -119,7 +143,7 @@ def _run_args(study: Study, variant: str, n_train: int, seed: int) -> tuple[str,
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         *_logger_arg(study.logger, folder, study, name),
-    ]  # fmt: skip
+    ]
     return name, args
 
 
@@ -139,7 +163,9 @@ def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
         setup_data(cli.datamodule, cli.trainer, "fit")  # a bad manifest fails before the run's logger starts
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, weights_only=True)
         checkpoint = cli.trainer.checkpoint_callback.best_model_path if cli.trainer.checkpoint_callback else ""
-        results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint or None, verbose=False, weights_only=True)[0]
+        results = cli.trainer.test(
+            cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint or None, verbose=False, weights_only=True
+        )[0]
         val = cli.trainer.checkpoint_callback.best_model_score if cli.trainer.checkpoint_callback else None
         return {
             "task": study.task,
@@ -198,7 +224,9 @@ def summarise(frame: pd.DataFrame, measure: str = Study.measure) -> str:
     stats = frame.groupby(["variant", "n_train"])["test_mae"].agg(["mean", "std", "count"]).reset_index()
     full = int(stats["count"].max())
     sizes = sorted(frame["n_train"].unique())
-    variants = [v for v in VARIANT_ORDER if v in set(frame["variant"])] + sorted(set(frame["variant"]) - set(VARIANT_ORDER))
+    variants = [v for v in VARIANT_ORDER if v in set(frame["variant"])] + sorted(
+        set(frame["variant"]) - set(VARIANT_ORDER)
+    )
     lines = ["| variant | " + " | ".join(f"n={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for v in variants:
         cells = []
@@ -222,7 +250,11 @@ def summarise(frame: pd.DataFrame, measure: str = Study.measure) -> str:
     readout = ", ".join(f"{v} {corr[v]:.3f}" for v in variants if v in corr and not math.isnan(corr[v]))
     text = (
         f"Test MAE of the predicted {measure}, mean ± std over "
-        f"{full} seed(s); lower is better.\n\n" + "\n".join(lines) + "\n\nRatios of mean test MAE (paired seeds):\n\n" + "\n".join(notes) + "\n"
+        f"{full} seed(s); lower is better.\n\n"
+        + "\n".join(lines)
+        + "\n\nRatios of mean test MAE (paired seeds):\n\n"
+        + "\n".join(notes)
+        + "\n"
     )
     if readout:  # phantoms only: scans of real subjects have no hidden true state
         text += f"\nCorrelation of the state decoded by the pretrained g from f'(x) with the hidden true state (mean over runs): {readout}\n"
@@ -237,9 +269,15 @@ def plot(frame: pd.DataFrame, path: Path, measure: str = Study.measure) -> None:
     for variant in [v for v in VARIANT_ORDER if v in set(frame["variant"])]:
         stats = frame[frame.variant == variant].groupby("n_train")["test_mae"].agg(["mean", "std"]).fillna(0.0)
         ax.errorbar(
-            stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=variant,
-            lw=2 if variant == "rmr" else 1.2, color=f"C{VARIANT_ORDER.index(variant)}",  # one colour per variant in every plot
-        )  # fmt: skip
+            stats.index,
+            stats["mean"],
+            yerr=stats["std"],
+            marker="o",
+            capsize=3,
+            label=variant,
+            lw=2 if variant == "rmr" else 1.2,
+            color=f"C{VARIANT_ORDER.index(variant)}",  # one colour per variant in every plot
+        )
     ax.set_xscale("log")
     ax.set_xticks(sorted(frame["n_train"].unique()))
     ax.get_xaxis().set_major_formatter(ticker.ScalarFormatter())
@@ -271,18 +309,26 @@ def log_study_to_wandb(study: Study, frame: pd.DataFrame, out: Path) -> str:
     import wandb
 
     run = wandb.init(
-        project="rmr_lightning", group=f"study-{study.task}", job_type="study-summary", name=f"{study.task}-summary",
-        dir=str(out), config={"study": {k: getattr(study, k) for k in study.__dataclass_fields__}, "environment": run_environment()},
+        project="rmr_lightning",
+        group=f"study-{study.task}",
+        job_type="study-summary",
+        name=f"{study.task}-summary",
+        dir=str(out),
+        config={"study": {k: getattr(study, k) for k in study.__dataclass_fields__}, "environment": run_environment()},
         reinit="finish_previous",
-    )  # fmt: skip
+    )
     try:
         shown = frame.astype({"checkpoint": str, "processor_artifact": str, "processor_sha256": str})
-        run.log({
-            "summary_table": wandb.Table(dataframe=shown[COLUMNS]),
-            "sample_efficiency": wandb.Image(str(out / "sample_efficiency.png")),
-            "summary_md": wandb.Html("<pre>" + html.escape((out / "summary.md").read_text()) + "</pre>"),
-        })  # fmt: skip
-        run.summary.update({f"ratio/rmr_n{a[1]}_over_{b[0]}_n{b[1]}": value for (a, b), (value, _) in paired_ratios(frame).items()})
+        run.log(
+            {
+                "summary_table": wandb.Table(dataframe=shown[COLUMNS]),
+                "sample_efficiency": wandb.Image(str(out / "sample_efficiency.png")),
+                "summary_md": wandb.Html("<pre>" + html.escape((out / "summary.md").read_text()) + "</pre>"),
+            }
+        )
+        run.summary.update(
+            {f"ratio/rmr_n{a[1]}_over_{b[0]}_n{b[1]}": value for (a, b), (value, _) in paired_ratios(frame).items()}
+        )
         return run.id
     finally:
         run.finish()
@@ -304,7 +350,9 @@ def _executor(workers: int) -> Executor | None:
     if workers == 1:
         return None
     threads = max(1, (os.cpu_count() or 1) // workers)
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_worker, initargs=(threads,))
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_worker, initargs=(threads,)
+    )
 
 
 def _task_rows(frame: pd.DataFrame, task: str) -> pd.DataFrame:
@@ -329,7 +377,9 @@ def read_summary(csv: Path) -> pd.DataFrame:
         ) from None
     missing = [c for c in ("task", "variant", "n_train", "seed") if c not in frame.columns]
     if missing:
-        raise ValueError(f"{csv} lacks the column(s) {missing} of a study summary (columns: {list(frame.columns)}); repair or move it away")
+        raise ValueError(
+            f"{csv} lacks the column(s) {missing} of a study summary (columns: {list(frame.columns)}); repair or move it away"
+        )
     return frame
 
 
@@ -365,11 +415,20 @@ def run_study(study: Study) -> pd.DataFrame:
     _clear_leftovers(study, todo, done, console)
     if len(mine) < len(done):  # another task's rows (a reused output_dir): kept in the file, not resumed or summarised
         others = ", ".join(sorted(set(done["task"].astype(str)) - {study.task}))
-        console.print(f"[yellow]{csv} also holds {len(done) - len(mine)} runs of task(s) {others}: only task {study.task} is resumed and summarised[/]")
+        console.print(
+            f"[yellow]{csv} also holds {len(done) - len(mine)} runs of task(s) {others}: only task {study.task} is resumed and summarised[/]"
+        )
     console.print(f"[bold]rmr-study[/]: {len(todo)} runs to go ({len(finished)} of task {study.task} already in {csv})")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    ]
     if todo:
         prepare(study)
     executor = _executor(study.workers)
@@ -401,7 +460,10 @@ def run_study(study: Study) -> pd.DataFrame:
     shown, measure = frame, study.measure
     if frame["test_mae"].isna().all() and frame["test_mae_followup"].notna().any():
         # scans without baseline values (a manifest without baseline_columns) have no change to score
-        shown, measure = frame.assign(test_mae=frame["test_mae_followup"]), "follow-up value (no baseline values: no change to score)"
+        shown, measure = (
+            frame.assign(test_mae=frame["test_mae_followup"]),
+            "follow-up value (no baseline values: no change to score)",
+        )
     atomic_write_text(out / "summary.md", summarise(shown, measure))
     plot(shown, out / "sample_efficiency.png", measure)
     atomic_write_json(out / ENVIRONMENT_FILE, run_environment())

@@ -56,7 +56,9 @@ def write_cohort(folder: Path, subjects: int, spacing: int) -> Path:
             t1 = 0.35 * anatomy.csf + 0.6 * anatomy.gm + 0.95 * anatomy.wm
             t1 = (t1 * (1 + 0.1 * rng.standard_normal()) + 0.03 * torch.randn(t1.shape)).numpy().astype(np.float32)
             # labels first: the image's presence is what says the pair is complete (a rerun skips it)
-            save_nifti(nib.Nifti1Image(anatomy.labels.numpy().astype(np.int16), anatomy.affine), scans / f"dk84_{k}.nii.gz")
+            save_nifti(
+                nib.Nifti1Image(anatomy.labels.numpy().astype(np.int16), anatomy.affine), scans / f"dk84_{k}.nii.gz"
+            )
             save_nifti(nib.Nifti1Image(t1, anatomy.affine), scans / f"t1_{k}.nii.gz")
     names = dk84_region_names()
     subjects_dir = folder / f"n{subjects}"
@@ -69,9 +71,11 @@ def write_cohort(folder: Path, subjects: int, spacing: int) -> Path:
             if not link.exists():
                 os.link(scans / f"{kind}_{k}.nii.gz", link)
         values = rng.uniform(0.0, 0.1, size=2 * len(names)).round(4)
-        values[len(names):] += 0.02
+        values[len(names) :] += 0.02
         cells = ",".join(str(v) for v in values)
-        lines.append(f"sub-{i:05d},n{subjects}/sub-{i:05d}_t1.nii.gz,n{subjects}/sub-{i:05d}_dk84.nii.gz,{70 + i % 10},1.5,{cells}")
+        lines.append(
+            f"sub-{i:05d},n{subjects}/sub-{i:05d}_t1.nii.gz,n{subjects}/sub-{i:05d}_dk84.nii.gz,{70 + i % 10},1.5,{cells}"
+        )
     manifest = folder / f"manifest_{subjects}.csv"
     atomic_write_text(manifest, "\n".join(lines) + "\n")
     return manifest
@@ -80,13 +84,26 @@ def write_cohort(folder: Path, subjects: int, spacing: int) -> Path:
 def _cli(manifest: Path, artifact: Path, root: Path, shape: list[int], spacing: int, steps: int, workers: int):
     from rmr_lightning.cli import cli_main
 
-    return cli_main([
-        "--config", str(REPO / "configs/natural/manifest.yaml"), f"--data.init_args.manifest={manifest}",
-        f"--data.init_args.spacing={spacing}", f"--data.init_args.shape={shape}", f"--data.init_args.num_workers={workers}",
-        "--data.init_args.batch_size=4", f"--model.init_args.processor_artifact={artifact}",
-        f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={steps}", "--trainer.limit_val_batches=2",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root}",
-    ], run=False)  # fmt: skip
+    return cli_main(
+        [
+            "--config",
+            str(REPO / "configs/natural/manifest.yaml"),
+            f"--data.init_args.manifest={manifest}",
+            f"--data.init_args.spacing={spacing}",
+            f"--data.init_args.shape={shape}",
+            f"--data.init_args.num_workers={workers}",
+            "--data.init_args.batch_size=4",
+            f"--model.init_args.processor_artifact={artifact}",
+            f"--trainer.max_steps={steps}",
+            f"--trainer.val_check_interval={steps}",
+            "--trainer.limit_val_batches=2",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={root}",
+        ],
+        run=False,
+    )
 
 
 def _cache_files(folder: Path) -> int:
@@ -110,13 +127,33 @@ def child_run(args: argparse.Namespace) -> dict:
     preprocessed = _cache_files(cache) - before
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=dm)
-    return {"validate_s": validate, "setup_s": setup, "preprocessed": preprocessed, "fit_s": time.perf_counter() - start}
+    return {
+        "validate_s": validate,
+        "setup_s": setup,
+        "preprocessed": preprocessed,
+        "fit_s": time.perf_counter() - start,
+    }
 
 
 def run_child(args: argparse.Namespace, manifest: Path, root: Path, env: dict) -> tuple[dict, float]:
     """A child run and the peak resident memory (MB) of its process tree, polled every 50 ms."""
-    cmd = [sys.executable, __file__, "--child", "--manifest", str(manifest), "--artifact", str(args.artifact),
-           "--root", str(root), "--spacing", str(args.spacing), "--shape", json.dumps(args.shape), "--steps", str(args.steps)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--manifest",
+        str(manifest),
+        "--artifact",
+        str(args.artifact),
+        "--root",
+        str(root),
+        "--spacing",
+        str(args.spacing),
+        "--shape",
+        json.dumps(args.shape),
+        "--steps",
+        str(args.steps),
+    ]
     proc = psutil.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=REPO)
     peak = 0
     while proc.poll() is None:
@@ -148,7 +185,11 @@ def cached_over_resident(args: argparse.Namespace, manifest: Path, root: Path, w
         cli.trainer.fit(cli.model, datamodule=dm)
         rates[mode] = clock.rate
     cached = (rates["cached"] + rates["cached_again"]) / 2  # before and after: drift of the machine cancels
-    return {"cached_steps_per_s": cached, "resident_steps_per_s": rates["resident"], "ratio": cached / rates["resident"]}
+    return {
+        "cached_steps_per_s": cached,
+        "resident_steps_per_s": rates["resident"],
+        "ratio": cached / rates["resident"],
+    }
 
 
 class _Repeat:
@@ -204,9 +245,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", default="200,2000", help="cohort sizes, comma-separated")
     parser.add_argument("--spacing", type=int, default=2)
-    parser.add_argument("--shape", type=json.loads, default=None, help="voxels after crop/pad (default: the brain at --spacing)")
+    parser.add_argument(
+        "--shape", type=json.loads, default=None, help="voxels after crop/pad (default: the brain at --spacing)"
+    )
     parser.add_argument("--steps", type=int, default=20, help="train steps per fit")
-    parser.add_argument("--validate-rows", type=int, default=10000, help="manifest rows for the header-validation timing")
+    parser.add_argument(
+        "--validate-rows", type=int, default=10000, help="manifest rows for the header-validation timing"
+    )
     parser.add_argument("--out", default="results/bench/data_path.json")
     parser.add_argument("--work", default=None, help="folder for scans and cache (default: a temporary folder)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one run, in a fresh process
@@ -222,11 +267,20 @@ def main() -> None:
 def bench(args: argparse.Namespace) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_data_"))
     work.mkdir(parents=True, exist_ok=True)
-    args.shape = args.shape or {2: [80, 96, 80], 4: [40, 48, 40]}.get(args.spacing, [160 // args.spacing, 192 // args.spacing, 160 // args.spacing])
+    args.shape = args.shape or {2: [80, 96, 80], 4: [40, 48, 40]}.get(
+        args.spacing, [160 // args.spacing, 192 // args.spacing, 160 // args.spacing]
+    )
     args.artifact = tiny_artifact(work / "processor.pt")
     env = {**os.environ, "RMR_CACHE": str(work / "cache"), "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     sizes = [int(s) for s in args.subjects.split(",")]
-    report: dict = {"subjects": sizes, "spacing_mm": args.spacing, "shape": args.shape, "peak_rss_mb": {}, "cold": {}, "warm": {}}
+    report: dict = {
+        "subjects": sizes,
+        "spacing_mm": args.spacing,
+        "shape": args.shape,
+        "peak_rss_mb": {},
+        "cold": {},
+        "warm": {},
+    }
     for n in sizes:
         manifest = write_cohort(work, n, args.spacing)
         report["cold"][n], _ = run_child(args, manifest, work / f"run_cold_{n}", env)
@@ -244,7 +298,10 @@ def bench(args: argparse.Namespace) -> None:
     detail = {w: cached_over_resident(args, small, work / f"throughput_{w}", w) for w in (0, 2)}
     report["cached_over_resident"] = detail[0]["ratio"]
     report["cached_over_resident_by_workers"] = detail
-    report["validate_rows"] = {"rows": args.validate_rows, "seconds": validate_rows(work, args.validate_rows, args.spacing)}
+    report["validate_rows"] = {
+        "rows": args.validate_rows,
+        "seconds": validate_rows(work, args.validate_rows, args.spacing),
+    }
     report["rss_ratio_largest_over_smallest"] = report["peak_rss_mb"][largest] / report["peak_rss_mb"][min(sizes)]
     from rmr_lightning.environment import run_environment
     from rmr_lightning.files import atomic_write_json

@@ -20,11 +20,18 @@ from rmr_lightning.files import atomic_write_json
 
 def one_epoch(logger: str, num_train: int, root: Path) -> float:
     args = [
-        "--config", "configs/pretrain/ndm.yaml", f"--data.init_args.num_train={num_train}",
-        "--trainer.max_steps=-1", "--trainer.max_epochs=1", "--trainer.limit_val_batches=0",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.callbacks=[]",
-        "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={root}",
-    ]  # fmt: skip
+        "--config",
+        "configs/pretrain/ndm.yaml",
+        f"--data.init_args.num_train={num_train}",
+        "--trainer.max_steps=-1",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.callbacks=[]",
+        "--trainer.enable_checkpointing=false",
+        f"--trainer.default_root_dir={root}",
+    ]
     if logger == "none":
         args.append("--trainer.logger=false")
     else:
@@ -54,9 +61,12 @@ def main() -> None:
     ratio = statistics.mean(times["wandb"]) / statistics.mean(times["none"])
     pair_ratios = [w / n for w, n in zip(times["wandb"], times["none"])]
     report = {
-        "seconds": times, "num_train": opts.num_train, "ratio_wandb_offline_over_none": round(ratio, 4),
-        "pair_ratios": [round(r, 4) for r in pair_ratios], "median_pair_ratio": round(statistics.median(pair_ratios), 4),
-    }  # fmt: skip
+        "seconds": times,
+        "num_train": opts.num_train,
+        "ratio_wandb_offline_over_none": round(ratio, 4),
+        "pair_ratios": [round(r, 4) for r in pair_ratios],
+        "median_pair_ratio": round(statistics.median(pair_ratios), 4),
+    }
     Path("results/bench").mkdir(parents=True, exist_ok=True)
     atomic_write_json("results/bench/logging.json", report)
     print(f"per pair: {', '.join(f'{r:.3f}' for r in pair_ratios)} (machine noise shows in their spread)")

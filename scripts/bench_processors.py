@@ -20,11 +20,19 @@ def run(processor: str, minutes: float, out: Path) -> dict:
     root = out / processor
     callbacks = [{"class_path": "rmr_lightning.callbacks.PretrainingArtifacts", "init_args": {"dirpath": str(root)}}]
     args = [
-        "--config", "configs/pretrain/ndm.yaml", f"--model.init_args.processor={processor}",
-        "--trainer.max_steps=-1", "--trainer.max_epochs=1000", f"--trainer.max_time={json.dumps({'seconds': round(minutes * 60)})}",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        "--trainer.limit_val_batches=0", f"--trainer.default_root_dir={root}", f"--trainer.callbacks={json.dumps(callbacks)}",
-    ]  # fmt: skip
+        "--config",
+        "configs/pretrain/ndm.yaml",
+        f"--model.init_args.processor={processor}",
+        "--trainer.max_steps=-1",
+        "--trainer.max_epochs=1000",
+        f"--trainer.max_time={json.dumps({'seconds': round(minutes * 60)})}",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.limit_val_batches=0",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+    ]
     cli = cli_main(args, run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
@@ -49,8 +57,17 @@ def main() -> None:
     rows = [run(name, opts.minutes, out) for name in opts.processors.split(",")]
     header = "| processor | graphs/s | steps | " + " | ".join(SETS) + " |"
     lines = [header, "|---" * (3 + len(SETS)) + "|"]
-    lines += [f"| {r['processor']} | {r['graphs_per_second']:.0f} | {r['steps']} | " + " | ".join(f"{r[f'r2_delta_{s}']:.4f}" for s in SETS) + " |" for r in rows]
-    table = f"Pretraining on network diffusion, {opts.minutes:g} min of training each (R^2 of the change):\n\n" + "\n".join(lines) + "\n"
+    lines += [
+        f"| {r['processor']} | {r['graphs_per_second']:.0f} | {r['steps']} | "
+        + " | ".join(f"{r[f'r2_delta_{s}']:.4f}" for s in SETS)
+        + " |"
+        for r in rows
+    ]
+    table = (
+        f"Pretraining on network diffusion, {opts.minutes:g} min of training each (R^2 of the change):\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
     atomic_write_json(out / "processors.json", rows)
     atomic_write_text(out / "processors.md", table)
     print(table)

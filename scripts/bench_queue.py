@@ -20,8 +20,16 @@ from rmr_lightning.files import atomic_write_json
 
 
 def loader_rate(workers: int, subjects: int, epochs: int) -> float:
-    cli = cli_main(["--config", "configs/natural/lesion_ct.yaml", f"--data.init_args.train_size={subjects}",
-                    f"--data.init_args.num_workers={workers}", "--trainer.logger=false"], run=False)  # fmt: skip
+    cli = cli_main(
+        [
+            "--config",
+            "configs/natural/lesion_ct.yaml",
+            f"--data.init_args.train_size={subjects}",
+            f"--data.init_args.num_workers={workers}",
+            "--trainer.logger=false",
+        ],
+        run=False,
+    )
     dm = cli.datamodule
     dm.setup("fit")
     loader = dm.train_dataloader()
@@ -33,7 +41,15 @@ def loader_rate(workers: int, subjects: int, epochs: int) -> float:
 
 
 def train_rate(subjects: int, steps: int) -> float:
-    cli = cli_main(["--config", "configs/natural/lesion_ct.yaml", f"--data.init_args.train_size={subjects}", "--trainer.logger=false"], run=False)
+    cli = cli_main(
+        [
+            "--config",
+            "configs/natural/lesion_ct.yaml",
+            f"--data.init_args.train_size={subjects}",
+            "--trainer.logger=false",
+        ],
+        run=False,
+    )
     dm, model = cli.datamodule, cli.model
     dm.setup("fit")
     batches = [b for b, _ in zip(dm.train_dataloader(), range(4))]

@@ -95,7 +95,9 @@ def mid_surface(inputs: Inputs, hemi: str) -> np.ndarray:
     return (pial + white) / 2.0
 
 
-def vertex_labels(inputs: Inputs, names: list[str], mid_left: np.ndarray, mid_right: np.ndarray) -> dict[str, np.ndarray]:
+def vertex_labels(
+    inputs: Inputs, names: list[str], mid_left: np.ndarray, mid_right: np.ndarray
+) -> dict[str, np.ndarray]:
     """Per-vertex DK84 label values (0 = none) for each hemisphere; right copied from the mirrored left."""
     annot, _, annot_names = nib.freesurfer.read_annot(str(inputs.annot))
     annot_names = [n.decode() for n in annot_names]

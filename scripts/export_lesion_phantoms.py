@@ -42,11 +42,16 @@ def export(out_dir: Path, subjects: int, seed: int = 0, cache_dir: str | None = 
         save_nifti(nib.Nifti1Image(cohort["image"][i, 0].numpy().astype(np.int16), affine), scans / f"{sid}_ct.nii.gz")
         save_nifti(nib.Nifti1Image(cohort["roi"][i, 0].numpy().astype(np.uint8), affine), scans / f"{sid}_roi.nii.gz")
         baseline, followup = cohort["target"][i, 0].tolist()
-        rows.append({
-            "subject_id": sid, "image": f"scans/{sid}_ct.nii.gz", "label_map": f"scans/{sid}_roi.nii.gz",
-            "horizon": round(float(cohort["covariates"][i, 0]), 6),
-            "lesion_baseline": round(baseline, 6), "lesion": round(followup, 6),
-        })  # fmt: skip
+        rows.append(
+            {
+                "subject_id": sid,
+                "image": f"scans/{sid}_ct.nii.gz",
+                "label_map": f"scans/{sid}_roi.nii.gz",
+                "horizon": round(float(cohort["covariates"][i, 0]), 6),
+                "lesion_baseline": round(baseline, 6),
+                "lesion": round(followup, 6),
+            }
+        )
     manifest = out_dir / "manifest.csv"
     atomic_write_csv(manifest, pd.DataFrame(rows))  # last: a manifest only names scans already written whole
     return manifest

@@ -55,12 +55,18 @@ def evaluate(checkpoint: str) -> dict[str, float]:
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "results/lesion_ct")
     summary = pd.read_csv(out / "summary.csv")
-    rows = [{**row[["variant", "n_train", "seed"]].to_dict(), **evaluate(row["checkpoint"])} for _, row in summary.iterrows()]
+    rows = [
+        {**row[["variant", "n_train", "seed"]].to_dict(), **evaluate(row["checkpoint"])}
+        for _, row in summary.iterrows()
+    ]
     frame = pd.DataFrame(rows)
     atomic_write_csv(out / "vdt_flag.csv", frame)
     table = frame.groupby(["variant", "n_train"])[["accuracy", "sensitivity", "specificity"]].mean().reset_index()
     lines = ["| variant | n | accuracy | sensitivity | specificity |", "|---|---|---|---|---|"]
-    lines += [f"| {r.variant} | {r.n_train} | {r.accuracy:.3f} | {r.sensitivity:.3f} | {r.specificity:.3f} |" for r in table.itertuples()]
+    lines += [
+        f"| {r.variant} | {r.n_train} | {r.accuracy:.3f} | {r.sensitivity:.3f} | {r.specificity:.3f} |"
+        for r in table.itertuples()
+    ]
     text = (
         f"Flag of suspicious growth (VDT < {SUSPICIOUS_VDT_DAYS:.0f} d) from the predicted volumes, test set, mean over seeds; "
         f"{frame['suspicious_share'].iloc[0]:.0%} of the test nodules are suspicious.\n\n" + "\n".join(lines) + "\n"

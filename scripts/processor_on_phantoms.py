@@ -34,11 +34,24 @@ def main() -> None:
     path = args.artifact or f"results/pretrain{'_fkpp' if args.algorithm == 'fkpp' else ''}/processor.pt"
     model = FrozenProcessorFinetuning(processor_artifact=path, variant="rmr").eval()  # f, P, g as fine-tuning uses them
     if model.param_names != list(algorithm.param_names):
-        raise SystemExit(f"{path} was pretrained with parameters {model.param_names}, not {list(algorithm.param_names)}")
+        raise SystemExit(
+            f"{path} was pretrained with parameters {model.param_names}, not {list(algorithm.param_names)}"
+        )
 
     every_region = torch.ones(model.num_regions, dtype=torch.bool)
-    ranges = BrainPhantomDataModule(algorithm=algorithm, cohort_params=cohort).hparams  # the datamodule's stage, horizon, age
-    cohort_draw = simulate_disease(args.subjects, np.random.default_rng(1), algorithm, cohort, every_region, ranges.stage, ranges.horizon, ranges.age)
+    ranges = BrainPhantomDataModule(
+        algorithm=algorithm, cohort_params=cohort
+    ).hparams  # the datamodule's stage, horizon, age
+    cohort_draw = simulate_disease(
+        args.subjects,
+        np.random.default_rng(1),
+        algorithm,
+        cohort,
+        every_region,
+        ranges.stage,
+        ranges.horizon,
+        ranges.age,
+    )
     x, y, horizon = cohort_draw["x_baseline"], cohort_draw["x_followup"], cohort_draw["horizon"]  # (B, R), (B, R), (B,)
     true_params = {**cohort, algorithm.time_param: horizon}
     params = torch.stack([torch.as_tensor(true_params[n]).float().expand_as(horizon) for n in model.param_names], 1)
@@ -47,9 +60,11 @@ def main() -> None:
         change = (model.decoder(model.process(z, len(x))) - model.decoder(z)).reshape(x.shape)  # g(P(z)) - g(z)
     true = y - x
     r2 = 1 - ((change - true) ** 2).sum() / ((true - true.mean()) ** 2).sum()
-    print(f"{path} on {args.subjects} {args.algorithm} phantom subjects ({cohort}): R^2 of the change {r2:.4f}, "
-          f"MAE {(change - true).abs().mean():.5f} (mean |change| {true.abs().mean():.5f}); "
-          f"states: mean {x.mean():.3f}, {(x < 0.01).float().mean():.0%} of regions below 0.01")
+    print(
+        f"{path} on {args.subjects} {args.algorithm} phantom subjects ({cohort}): R^2 of the change {r2:.4f}, "
+        f"MAE {(change - true).abs().mean():.5f} (mean |change| {true.abs().mean():.5f}); "
+        f"states: mean {x.mean():.3f}, {(x < 0.01).float().mean():.0%} of regions below 0.01"
+    )
 
 
 if __name__ == "__main__":

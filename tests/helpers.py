@@ -13,34 +13,51 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Tiny sizes that keep a pretraining run to seconds.
 TINY_PRETRAIN = [
-    "--data.init_args.num_train=128", "--data.init_args.num_val=32", "--data.init_args.num_test=32",
-    "--data.init_args.num_graphs=8", "--data.init_args.batch_size=32", "--model.init_args.hidden_dim=16",
-]  # fmt: skip
+    "--data.init_args.num_train=128",
+    "--data.init_args.num_val=32",
+    "--data.init_args.num_test=32",
+    "--data.init_args.num_graphs=8",
+    "--data.init_args.batch_size=32",
+    "--model.init_args.hidden_dim=16",
+]
 
 
 def tiny_model(artifact: Path) -> list[str]:
     """Overrides of a natural config's model: the given artifact and a tiny encoder."""
     return [
         f"--model.init_args.processor_artifact={artifact}",
-        "--model.init_args.encoder.init_args.widths=[2,4,4]", "--model.init_args.encoder.init_args.out_channels=4",
-    ]  # fmt: skip
+        "--model.init_args.encoder.init_args.widths=[2,4,4]",
+        "--model.init_args.encoder.init_args.out_channels=4",
+    ]
 
 
 def tiny_natural(artifact: Path) -> list[str]:
     """Overrides that make a natural config run on an 8 mm cohort of a few subjects."""
     return [
-        *tiny_model(artifact), "--data.init_args.spacing=8", "--data.init_args.train_pool=4", "--data.init_args.train_size=4",
-        "--data.init_args.num_val=2", "--data.init_args.num_test=2", "--data.init_args.batch_size=2",
-    ]  # fmt: skip
+        *tiny_model(artifact),
+        "--data.init_args.spacing=8",
+        "--data.init_args.train_pool=4",
+        "--data.init_args.train_size=4",
+        "--data.init_args.num_val=2",
+        "--data.init_args.num_test=2",
+        "--data.init_args.batch_size=2",
+    ]
 
 
 def tiny_lesion(artifact: Path) -> list[str]:
     """Overrides that make the lesion config run on a few small subjects."""
     return [
-        *tiny_model(artifact), "--data.init_args.train_pool=6", "--data.init_args.train_size=6", "--data.init_args.num_val=2",
-        "--data.init_args.num_test=2", "--data.init_args.batch_size=2", "--data.init_args.size=24",
-        "--data.init_args.patch_size=16", "--data.init_args.roi_mm=5", "--data.init_args.diameter_mm=[4,8]",
-    ]  # fmt: skip
+        *tiny_model(artifact),
+        "--data.init_args.train_pool=6",
+        "--data.init_args.train_size=6",
+        "--data.init_args.num_val=2",
+        "--data.init_args.num_test=2",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.size=24",
+        "--data.init_args.patch_size=16",
+        "--data.init_args.roi_mm=5",
+        "--data.init_args.diameter_mm=[4,8]",
+    ]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -70,7 +87,12 @@ def tiny_study(artifact: Path, output_dir: Path, task: str, seeds: list[int]):
     from rmr_lightning.study import Study
 
     return Study(
-        base_config="configs/natural/brain_mri.yaml", output_dir=str(output_dir), task=task, variants=["rmr", "baseline"],
-        train_sizes=[2, 4], seeds=seeds, logger="csv",
+        base_config="configs/natural/brain_mri.yaml",
+        output_dir=str(output_dir),
+        task=task,
+        variants=["rmr", "baseline"],
+        train_sizes=[2, 4],
+        seeds=seeds,
+        logger="csv",
         overrides=[*tiny_natural(artifact), "--trainer.max_steps=2", "--trainer.val_check_interval=2"],
-    )  # fmt: skip
+    )

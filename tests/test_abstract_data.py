@@ -66,4 +66,9 @@ def test_every_generator_gives_symmetric_nonnegative_graphs() -> None:
     rng = np.random.default_rng(0)
     for name in GENERATORS:
         conn = random_graph(20, rng, (name,))
-        assert conn.shape == (20, 20) and torch.allclose(conn, conn.T) and (conn >= 0).all() and conn.diagonal().eq(0).all()
+        assert (
+            conn.shape == (20, 20)
+            and torch.allclose(conn, conn.T)
+            and (conn >= 0).all()
+            and conn.diagonal().eq(0).all()
+        )

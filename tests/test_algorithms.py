@@ -129,4 +129,6 @@ def test_algorithms_on_gpu_match_cpu(dk84: torch.Tensor) -> None:
     cpu = network_diffusion(dk84, x0, 0.3, 2.0)
     gpu = network_diffusion(dk84.cuda(), x0.cuda(), 0.3, 2.0).cpu()
     assert torch.allclose(cpu, gpu, atol=1e-10)
-    assert torch.allclose(fisher_kpp(dk84, x0, 0.3, 0.5, 2.0), fisher_kpp(dk84.cuda(), x0.cuda(), 0.3, 0.5, 2.0).cpu(), atol=1e-10)
+    assert torch.allclose(
+        fisher_kpp(dk84, x0, 0.3, 0.5, 2.0), fisher_kpp(dk84.cuda(), x0.cuda(), 0.3, 0.5, 2.0).cpu(), atol=1e-10
+    )

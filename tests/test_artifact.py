@@ -25,7 +25,9 @@ SPEC = {"param_names": ["gamma", "t"], "param_scale": [0.6, 4.0], "time_param": 
 def _save(path: Path, processor=None, metrics=None) -> str:
     processor = processor or MPNNProcessor(16, num_layers=2)
     metrics = {"r2": 0.9} if metrics is None else metrics
-    return save_processor_artifact(path, processor, torch.nn.Linear(3, 16), torch.nn.Linear(16, 1), SPEC, metrics=metrics)
+    return save_processor_artifact(
+        path, processor, torch.nn.Linear(3, 16), torch.nn.Linear(16, 1), SPEC, metrics=metrics
+    )
 
 
 def _edit(path: Path, change) -> None:
@@ -51,7 +53,10 @@ def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
     raw = torch.load(tmp_path / "processor.pt", weights_only=True)
     assert set(raw) >= {"state_dict", "config", "sha256", "digests", "format_version"}
     assert set(raw["state_dict"]) == set(proc.state_dict())  # P's weights alone
-    assert raw["config"] == {"class_path": "processors.gatv2.GATv2Processor", "init_args": {"hidden_dim": 16, "num_layers": 2, "act": "relu", "heads": 2}}
+    assert raw["config"] == {
+        "class_path": "processors.gatv2.GATv2Processor",
+        "init_args": {"hidden_dim": 16, "num_layers": 2, "act": "relu", "heads": 2},
+    }
     assert raw["digests"]["processor"] == state_dict_sha256(proc.state_dict())
     art = load_processor_artifact(tmp_path / "processor.pt", expected_hidden_dim=16)
     assert art.sha256 == sha == content_sha256(part_digests(raw))
@@ -63,7 +68,10 @@ def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "part, change",
     [
-        ("processor weights", lambda raw: raw["state_dict"][next(iter(raw["state_dict"]))].view(-1).__setitem__(0, 9.0)),
+        (
+            "processor weights",
+            lambda raw: raw["state_dict"][next(iter(raw["state_dict"]))].view(-1).__setitem__(0, 9.0),
+        ),
         ("encoder \\(f\\) weights", lambda raw: raw["encoder"]["state_dict"]["weight"].mul_(1.01)),
         ("decoder \\(g\\) weights", lambda raw: raw["decoder"]["state_dict"]["bias"].add_(0.5)),
         ("rebuild configs", lambda raw: raw["config"]["init_args"].__setitem__("act", "gelu")),

@@ -90,10 +90,14 @@ def test_excluded_subjects_and_sessions_are_reported_with_the_reason(dataset: Pa
     shutil.rmtree(dataset / "derivatives" / "freesurfer" / "sub-003_ses-02")  # follow-up never segmented
     anat = dataset / "sub-004" / "ses-03" / "anat"  # a third session, not segmented: ses-02 is the follow-up
     anat.mkdir(parents=True)
-    shutil.copy(dataset / "sub-004" / "ses-02" / "anat" / "sub-004_ses-02_T1w.nii.gz", anat / "sub-004_ses-03_T1w.nii.gz")
+    shutil.copy(
+        dataset / "sub-004" / "ses-02" / "anat" / "sub-004_ses-02_T1w.nii.gz", anat / "sub-004_ses-03_T1w.nii.gz"
+    )
     sessions = pd.read_csv(dataset / "sub-004" / "sub-004_sessions.tsv", sep="\t")
     later = {"session_id": "ses-03", "acq_time": "2030-01-01T00:00:00", "age": sessions.age.max() + 5}
-    (dataset / "sub-004" / "sub-004_sessions.tsv").write_text(pd.concat([sessions, pd.DataFrame([later])]).to_csv(sep="\t", index=False))
+    (dataset / "sub-004" / "sub-004_sessions.tsv").write_text(
+        pd.concat([sessions, pd.DataFrame([later])]).to_csv(sep="\t", index=False)
+    )
     with (dataset / "participants.tsv").open("a") as f:
         f.write("sub-099\t70.0\tF\n")  # listed, never scanned
     _set_sessions(dataset, "sub-005", age="n/a")  # ages from participants.tsv
@@ -101,7 +105,10 @@ def test_excluded_subjects_and_sessions_are_reported_with_the_reason(dataset: Pa
 
     manifest, report, _ = _build(dataset)
     assert sorted(manifest.subject_id) == ["sub-001", "sub-004", "sub-005", "sub-006", "sub-007", "sub-008"]
-    reasons = {(r.subject_id, r.session_id if isinstance(r.session_id, str) else "", r.reason, r.subject_kept) for r in report.itertuples()}
+    reasons = {
+        (r.subject_id, r.session_id if isinstance(r.session_id, str) else "", r.reason, r.subject_kept)
+        for r in report.itertuples()
+    }
     assert reasons == {
         ("sub-002", "", "one session", False),
         ("sub-003", "ses-02", "no FreeSurfer output", False),
@@ -123,7 +130,9 @@ def test_voxel_counts_stand_in_for_missing_stats(dataset: Path) -> None:
     manifest, _, _ = _build(dataset)
     assert list(manifest.volume_source) == ["voxel counts"] + ["stats"] * (SUBJECTS - 1)
     truth = _truth(dataset, manifest)
-    np.testing.assert_allclose(manifest.loc[1:, VALUES].to_numpy(float), truth.loc[1:, VALUES].to_numpy(float), atol=1e-6)
+    np.testing.assert_allclose(
+        manifest.loc[1:, VALUES].to_numpy(float), truth.loc[1:, VALUES].to_numpy(float), atol=1e-6
+    )
 
     for stats in (dataset / "derivatives").rglob("*.stats"):
         stats.unlink()
@@ -132,7 +141,9 @@ def test_voxel_counts_stand_in_for_missing_stats(dataset: Path) -> None:
     values, expected = manifest[VALUES].to_numpy(float), truth[VALUES].to_numpy(float)
     assert (np.isfinite(values) == np.isfinite(expected)).all()
     per_region, pooled = _correlations(manifest, truth, VALUES)
-    assert np.median(per_region) >= 0.85 and pooled >= 0.75  # 8 mm voxels: coarse counts (see docs/results/bids_route.md)
+    assert (
+        np.median(per_region) >= 0.85 and pooled >= 0.75
+    )  # 8 mm voxels: coarse counts (see docs/results/bids_route.md)
     assert np.abs(manifest.horizon - truth.horizon).max() < 1e-6
 
 
@@ -177,18 +188,30 @@ def test_scan_on_another_grid_uses_freesurfers_conformed_copy(dataset: Path) -> 
     assert report.empty and (out.parent / manifest.image[0]).resolve() == orig.resolve()
 
 
-def test_manifest_passes_check_and_trains_with_the_natural_config(dataset: Path, tiny_artifact: Path, tmp_path: Path) -> None:
+def test_manifest_passes_check_and_trains_with_the_natural_config(
+    dataset: Path, tiny_artifact: Path, tmp_path: Path
+) -> None:
     """End to end: phantoms -> rmr-data bids -> rmr-data check -> a short ``rmr fit``, with no flag about the
     manifest's layout (label_scheme column, base_<region> columns)."""
     _, _, out = _build(dataset)
     config = str(REPO / "configs" / "natural" / "manifest.yaml")
     assert main(["check", str(out), "--config", config]) == 0
     cli = cli_main(
-        ["--config", config, f"--data.init_args.manifest={out}", *tiny_model(tiny_artifact), "--data.init_args.spacing=8",
-         "--data.init_args.shape=[24,28,24]", "--data.init_args.batch_size=2", "--trainer.logger=false",
-         f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.val_check_interval=1"],
+        [
+            "--config",
+            config,
+            f"--data.init_args.manifest={out}",
+            *tiny_model(tiny_artifact),
+            "--data.init_args.spacing=8",
+            "--data.init_args.shape=[24,28,24]",
+            "--data.init_args.batch_size=2",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=1",
+        ],
         run=False,
-    )  # fmt: skip
+    )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
     target = cli.datamodule.rows["train"][0].target  # (R, 2): baseline and follow-up from the manifest
@@ -222,7 +245,10 @@ def test_freesurfer_stats_are_read_by_their_column_headers(tmp_path: Path) -> No
     (tmp_path / "aseg.stats").write_text(ASEG_FS6)
     (tmp_path / "rh.aparc.stats").write_text(APARC)
     volumes, etiv = read_aseg(tmp_path / "aseg.stats")
-    assert volumes == {"Thalamus_Proper_L": 7593.0, "Hippocampus_L": 4149.5, "Hippocampus_R": 4275.2} and etiv == 1517932.42871
+    assert (
+        volumes == {"Thalamus_Proper_L": 7593.0, "Hippocampus_L": 4149.5, "Hippocampus_R": 4275.2}
+        and etiv == 1517932.42871
+    )
     assert read_aparc(tmp_path / "rh.aparc.stats", "rh") == {"Bankssts_R": 2305.0, "Entorhinal_R": 2079.0}
     (tmp_path / "bad.stats").write_text(APARC.replace(" 2079 ", " n/a "))
     with pytest.raises(StatsError, match="bad.stats.*entorhinal.*GrayVol"):

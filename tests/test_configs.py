@@ -29,10 +29,14 @@ PRETRAIN = [["configs/pretrain/ndm.yaml"]] + [
 # Natural configs without a model class are stacked on their task's config: fkpp.yaml on the MRI task,
 # lesion_manifest.yaml on the lesion task.
 NATURAL = [
-    [str(p.relative_to(REPO))] if "class_path: rmr_lightning.finetuning" in p.read_text()
-    else [f"configs/natural/{'lesion_ct' if p.name.startswith('lesion') else 'brain_mri'}.yaml", str(p.relative_to(REPO))]
+    [str(p.relative_to(REPO))]
+    if "class_path: rmr_lightning.finetuning" in p.read_text()
+    else [
+        f"configs/natural/{'lesion_ct' if p.name.startswith('lesion') else 'brain_mri'}.yaml",
+        str(p.relative_to(REPO)),
+    ]
     for p in sorted((REPO / "configs" / "natural").glob("*.yaml"))
-]  # fmt: skip
+]
 CONFIGS = PRETRAIN + NATURAL
 
 
@@ -56,15 +60,24 @@ def _fit(args: list[str]) -> object:
 
 @pytest.mark.parametrize(
     ("configs", "param_names"),
-    [(["configs/pretrain/ndm.yaml"], ["gamma", "t"]),
-     (["configs/pretrain/ndm.yaml", "configs/pretrain/fkpp.yaml"], ["gamma", "alpha", "t"])],
+    [
+        (["configs/pretrain/ndm.yaml"], ["gamma", "t"]),
+        (["configs/pretrain/ndm.yaml", "configs/pretrain/fkpp.yaml"], ["gamma", "alpha", "t"]),
+    ],
     ids=["ndm", "fkpp"],
-)  # fmt: skip
-def test_pretrain_config_fast_dev_run_writes_the_artifact(configs: list[str], param_names: list[str], tmp_path: Path) -> None:
+)
+def test_pretrain_config_fast_dev_run_writes_the_artifact(
+    configs: list[str], param_names: list[str], tmp_path: Path
+) -> None:
     cli = _fit(
-        [*_config_args(configs), *TINY_PRETRAIN, "--trainer.fast_dev_run=true", "--trainer.logger=false",
-         f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', 'init_args': {{'dirpath': '{tmp_path}'}}}}]"]
-    )  # fmt: skip
+        [
+            *_config_args(configs),
+            *TINY_PRETRAIN,
+            "--trainer.fast_dev_run=true",
+            "--trainer.logger=false",
+            f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', 'init_args': {{'dirpath': '{tmp_path}'}}}}]",
+        ]
+    )
     assert cli.trainer.global_step == 1
     payload = torch.load(tmp_path / "processor.pt", weights_only=True)
     assert payload["config"]["class_path"] == "processors.mpnn.MPNNProcessor"
@@ -73,20 +86,41 @@ def test_pretrain_config_fast_dev_run_writes_the_artifact(configs: list[str], pa
 
 def test_lesion_pretrain_config_trains_a_deep_mlp_on_gompertz(tmp_path: Path) -> None:
     cli = _fit(
-        ["--config", "configs/pretrain/ndm.yaml", "--config", "configs/pretrain/gompertz.yaml", "--data.init_args.num_train=256",
-         "--data.init_args.num_val=32", "--data.init_args.num_test=32", "--model.init_args.hidden_dim=16",
-         "--trainer.fast_dev_run=true", "--trainer.logger=false",
-         f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', 'init_args': {{'dirpath': '{tmp_path}'}}}}]"]
-    )  # fmt: skip
+        [
+            "--config",
+            "configs/pretrain/ndm.yaml",
+            "--config",
+            "configs/pretrain/gompertz.yaml",
+            "--data.init_args.num_train=256",
+            "--data.init_args.num_val=32",
+            "--data.init_args.num_test=32",
+            "--model.init_args.hidden_dim=16",
+            "--trainer.fast_dev_run=true",
+            "--trainer.logger=false",
+            f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', 'init_args': {{'dirpath': '{tmp_path}'}}}}]",
+        ]
+    )
     assert cli.trainer.global_step == 1
     payload = torch.load(tmp_path / "processor.pt", weights_only=True)
     assert payload["config"]["class_path"] == "processors.mlp.MLPProcessor"
-    assert payload["abstract_spec"]["param_names"] == ["r", "t"] and payload["abstract_spec"]["param_decay"] == [0.3, 0.0]
+    assert payload["abstract_spec"]["param_names"] == ["r", "t"] and payload["abstract_spec"]["param_decay"] == [
+        0.3,
+        0.0,
+    ]
 
 
 def test_lesion_natural_config_fast_dev_run(tiny_lesion_artifact: Path, tmp_path: Path) -> None:
-    cli = _fit(["--config", "configs/natural/lesion_ct.yaml", *tiny_lesion(tiny_lesion_artifact), f"--data.init_args.cache_dir={tmp_path}",
-                "--trainer.fast_dev_run=true", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    cli = _fit(
+        [
+            "--config",
+            "configs/natural/lesion_ct.yaml",
+            *tiny_lesion(tiny_lesion_artifact),
+            f"--data.init_args.cache_dir={tmp_path}",
+            "--trainer.fast_dev_run=true",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     assert cli.trainer.global_step == 1 and cli.model.num_regions == 1 and cli.model.subject_params == ["r"]
     # the checkpoint alone rebuilds the non-default encoder (tiny widths, histogram features) of the config
     cli.trainer.save_checkpoint(tmp_path / "model.ckpt")
@@ -97,12 +131,31 @@ def test_lesion_natural_config_fast_dev_run(tiny_lesion_artifact: Path, tmp_path
 
 
 def test_lesion_predict_writes_volumes_doubling_times_and_flags(tiny_lesion_artifact: Path, tmp_path: Path) -> None:
-    writer = {"class_path": "rmr_lightning.prediction.GrowthPredictionWriter", "init_args": {"output_dir": str(tmp_path / "pred"), "max_figures": 1}}
-    cli = cli_main(["--config", "configs/natural/lesion_ct.yaml", *tiny_lesion(tiny_lesion_artifact), f"--data.init_args.cache_dir={tmp_path}",
-                    "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks=[{writer}]"], run=False)  # fmt: skip
+    writer = {
+        "class_path": "rmr_lightning.prediction.GrowthPredictionWriter",
+        "init_args": {"output_dir": str(tmp_path / "pred"), "max_figures": 1},
+    }
+    cli = cli_main(
+        [
+            "--config",
+            "configs/natural/lesion_ct.yaml",
+            *tiny_lesion(tiny_lesion_artifact),
+            f"--data.init_args.cache_dir={tmp_path}",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.callbacks=[{writer}]",
+        ],
+        run=False,
+    )
     cli.trainer.predict(cli.model, datamodule=cli.datamodule)
     frame = pd.read_csv(tmp_path / "pred" / "predictions.csv")
-    assert len(frame) == 2 and {"horizon", "lesion_baseline", "lesion_followup", "lesion_vdt_days", "lesion_suspicious"} <= set(frame.columns)
+    assert len(frame) == 2 and {
+        "horizon",
+        "lesion_baseline",
+        "lesion_followup",
+        "lesion_vdt_days",
+        "lesion_suspicious",
+    } <= set(frame.columns)
     v0, v1, t = frame["lesion_baseline"], frame["lesion_followup"], frame["horizon"]
     grows = (v0 > 0) & (v1 > v0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -114,50 +167,112 @@ def test_lesion_predict_writes_volumes_doubling_times_and_flags(tiny_lesion_arti
 
 @pytest.mark.parametrize("config", ["configs/natural/brain_mri.yaml", "configs/natural/brain_ct.yaml"])
 def test_natural_config_fast_dev_run(config: str, tiny_artifact: Path, tmp_path: Path) -> None:
-    cli = _fit(["--config", config, *tiny_natural(tiny_artifact), "--trainer.fast_dev_run=true", "--trainer.logger=false",
-                f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    cli = _fit(
+        [
+            "--config",
+            config,
+            *tiny_natural(tiny_artifact),
+            "--trainer.fast_dev_run=true",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     assert cli.trainer.global_step == 1
 
 
-def test_test_and_predict_in_a_new_process_find_the_best_checkpoint_of_the_fit(tiny_artifact: Path, tmp_path: Path) -> None:
-    args = ["--config", "configs/natural/brain_mri.yaml", *tiny_natural(tiny_artifact), "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false"]  # fmt: skip
-    fit = cli_main(["fit", *args, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=4", "--trainer.val_check_interval=2"])
+def test_test_and_predict_in_a_new_process_find_the_best_checkpoint_of_the_fit(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    args = [
+        "--config",
+        "configs/natural/brain_mri.yaml",
+        *tiny_natural(tiny_artifact),
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+    ]
+    fit = cli_main(
+        [
+            "fit",
+            *args,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=2",
+        ]
+    )
     best = fit.trainer.checkpoint_callback.best_model_path
     assert Path(best).parent == tmp_path / "checkpoints" and (tmp_path / "checkpoints" / "last.ckpt").is_file()
     test = cli_main(["test", *args, f"--trainer.default_root_dir={tmp_path}", "--ckpt_path", "best"])
     assert test.trainer.ckpt_path == best
     # preprocessing other than the fit's (a fit-time override forgotten) is refused, naming the setting to pass
     with pytest.raises(ValueError, match=r"fitted with other preprocessing.*--data.init_args.spacing=8 \(now 6\)"):
-        cli_main(["predict", *args, f"--trainer.default_root_dir={tmp_path}", "--data.init_args.spacing=6", "--ckpt_path", "best"])
+        cli_main(
+            [
+                "predict",
+                *args,
+                f"--trainer.default_root_dir={tmp_path}",
+                "--data.init_args.spacing=6",
+                "--ckpt_path",
+                "best",
+            ]
+        )
     with pytest.raises(ValueError, match="--ckpt_path best: no checkpoint in the checkpoint folders"):
         cli_main(["predict", *args, f"--trainer.default_root_dir={tmp_path / 'never_fitted'}", "--ckpt_path", "best"])
 
 
 def test_fkpp_phantoms_with_an_fkpp_processor(tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
     """configs/natural/fkpp.yaml end to end: an FKPP artifact, FKPP phantoms, cohort gamma and alpha learned."""
-    _fit([*_config_args(["configs/pretrain/ndm.yaml", "configs/pretrain/fkpp.yaml"]), *TINY_PRETRAIN,
-          "--trainer.fast_dev_run=true", "--trainer.logger=false",
-          f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', 'init_args': {{'dirpath': '{tmp_path}'}}}}]"])  # fmt: skip
+    _fit(
+        [
+            *_config_args(["configs/pretrain/ndm.yaml", "configs/pretrain/fkpp.yaml"]),
+            *TINY_PRETRAIN,
+            "--trainer.fast_dev_run=true",
+            "--trainer.logger=false",
+            f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', 'init_args': {{'dirpath': '{tmp_path}'}}}}]",
+        ]
+    )
     natural = ["--config", "configs/natural/brain_mri.yaml", "--config", "configs/natural/fkpp.yaml"]
-    cli = _fit([*natural, *tiny_natural(tmp_path / "processor.pt"), "--trainer.fast_dev_run=true", "--trainer.logger=false",
-                f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
+    cli = _fit(
+        [
+            *natural,
+            *tiny_natural(tmp_path / "processor.pt"),
+            "--trainer.fast_dev_run=true",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )
     assert type(cli.datamodule.algorithm).__name__ == "FisherKPP"
     assert cli.model.param_names == ["gamma", "alpha", "t"]
-    assert cli.model.param_high[1].item() == pytest.approx(1.0) and cli.model.param_low[1].item() == pytest.approx(0.3)  # alpha's range
+    assert cli.model.param_high[1].item() == pytest.approx(1.0) and cli.model.param_low[1].item() == pytest.approx(
+        0.3
+    )  # alpha's range
     assert not [w for w in recwarn if "emulates another algorithm" in str(w.message)]
 
 
 def test_a_diffusion_processor_on_fkpp_phantoms_warns(tiny_artifact: Path, tmp_path: Path) -> None:
-    args = ["--config", "configs/natural/brain_mri.yaml", "--config", "configs/natural/fkpp.yaml", *tiny_natural(tiny_artifact),
-            "--trainer.fast_dev_run=true", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    args = [
+        "--config",
+        "configs/natural/brain_mri.yaml",
+        "--config",
+        "configs/natural/fkpp.yaml",
+        *tiny_natural(tiny_artifact),
+        "--trainer.fast_dev_run=true",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
     with pytest.warns(UserWarning, match="FisherKPP.*emulates another algorithm"):
         _fit(args)
 
 
 def test_a_processor_of_another_algorithm_with_the_same_parameters_warns(tiny_artifact: Path, tmp_path: Path) -> None:
-    args = ["--config", "configs/natural/brain_mri.yaml", "--data.init_args.algorithm=tests.helpers.FasterDiffusion", *tiny_natural(tiny_artifact),
-            "--trainer.fast_dev_run=true", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    args = [
+        "--config",
+        "configs/natural/brain_mri.yaml",
+        "--data.init_args.algorithm=tests.helpers.FasterDiffusion",
+        *tiny_natural(tiny_artifact),
+        "--trainer.fast_dev_run=true",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
     with pytest.warns(UserWarning, match="FasterDiffusion.*pretrained on NetworkDiffusion.*emulates another algorithm"):
         _fit(args)
 
@@ -177,7 +292,13 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tio.LabelMap(tensor=cohort["labels"][i].long(), affine=cohort["affine"].numpy()).save(labels)
         age, horizon = cohort["covariates"][i].tolist()
         followup = cohort["target"][i, :, 1]
-        row = {"subject_id": f"sub-{i:02d}", "image": image.name, "label_map": labels.name, "age": age, "horizon": horizon}
+        row = {
+            "subject_id": f"sub-{i:02d}",
+            "image": image.name,
+            "label_map": labels.name,
+            "age": age,
+            "horizon": horizon,
+        }
         row.update({n: ("" if torch.isnan(v) else float(v)) for n, v in zip(names, followup)})
         rows.append(row)
     path = folder / "manifest.csv"
@@ -190,13 +311,19 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_manifest_config_fits_and_predicts_with_a_readout(manifest: Path, tiny_artifact: Path, tmp_path: Path) -> None:
     common = [
-        "--config", "configs/natural/manifest.yaml", f"--data.init_args.manifest={manifest}",
-        f"--model.init_args.processor_artifact={tiny_artifact}", "--data.init_args.spacing=8",
-        "--data.init_args.shape=[24,28,24]", "--data.init_args.batch_size=2",
-        "--model.init_args.encoder.init_args.widths=[2,4,4]", "--model.init_args.encoder.init_args.out_channels=4",
-        "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
+        "--config",
+        "configs/natural/manifest.yaml",
+        f"--data.init_args.manifest={manifest}",
+        f"--model.init_args.processor_artifact={tiny_artifact}",
+        "--data.init_args.spacing=8",
+        "--data.init_args.shape=[24,28,24]",
+        "--data.init_args.batch_size=2",
+        "--model.init_args.encoder.init_args.widths=[2,4,4]",
+        "--model.init_args.encoder.init_args.out_channels=4",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.prediction.RegionalPredictionWriter', 'init_args': {{'output_dir': '{tmp_path / 'pred'}', 'max_figures': 2}}}}]",
-    ]  # fmt: skip
+    ]
     cli = _fit([*common, "--trainer.max_steps=2", "--trainer.val_check_interval=1"])
     cli.trainer.predict(cli.model, datamodule=cli.datamodule)
     frame = pd.read_csv(tmp_path / "pred" / "predictions.csv")
@@ -212,23 +339,45 @@ def test_manifest_config_fits_and_predicts_with_a_readout(manifest: Path, tiny_a
 
 def test_the_study_runs_on_a_manifest_of_scans(manifest: Path, tiny_artifact: Path, tmp_path: Path) -> None:
     """configs/study/manifest.yaml: each run trains on train_size subjects of the manifest's training split."""
-    study = parse_study(["--config", "configs/study/manifest.yaml", f"--output_dir={tmp_path / 'study'}", "--variants=[rmr]",
-                         "--train_sizes=[2, 4]", "--seeds=[0]", "--logger=none", "--workers=1"])  # fmt: skip
+    study = parse_study(
+        [
+            "--config",
+            "configs/study/manifest.yaml",
+            f"--output_dir={tmp_path / 'study'}",
+            "--variants=[rmr]",
+            "--train_sizes=[2, 4]",
+            "--seeds=[0]",
+            "--logger=none",
+            "--workers=1",
+        ]
+    )
     study.overrides = [
-        f"--data.init_args.manifest={manifest}", f"--model.init_args.processor_artifact={tiny_artifact}",
-        "--data.init_args.spacing=8", "--data.init_args.shape=[24,28,24]", "--data.init_args.batch_size=2",
-        "--model.init_args.encoder.init_args.widths=[2,4,4]", "--model.init_args.encoder.init_args.out_channels=4",
-        "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-    ]  # fmt: skip
+        f"--data.init_args.manifest={manifest}",
+        f"--model.init_args.processor_artifact={tiny_artifact}",
+        "--data.init_args.spacing=8",
+        "--data.init_args.shape=[24,28,24]",
+        "--data.init_args.batch_size=2",
+        "--model.init_args.encoder.init_args.widths=[2,4,4]",
+        "--model.init_args.encoder.init_args.out_channels=4",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+    ]
     frame = run_study(study)
     # no baseline columns in this manifest: no change to score, so the summary scores the follow-up value
-    assert list(frame["n_train"]) == [2, 4] and frame["test_mae"].isna().all() and frame["test_mae_followup"].gt(0).all()
+    assert (
+        list(frame["n_train"]) == [2, 4] and frame["test_mae"].isna().all() and frame["test_mae_followup"].gt(0).all()
+    )
     assert "follow-up value (no baseline values" in (tmp_path / "study" / "summary.md").read_text()
-    saved = [yaml.safe_load(p.read_text()) for p in sorted((tmp_path / "study" / "runs").glob("rmr_n*_seed0/checkpoints/config.yaml"))]
+    saved = [
+        yaml.safe_load(p.read_text())
+        for p in sorted((tmp_path / "study" / "runs").glob("rmr_n*_seed0/checkpoints/config.yaml"))
+    ]
     assert [c["data"]["init_args"]["train_size"] for c in saved] == [2, 4]
 
 
-def test_cli_with_args_ignores_and_keeps_the_callers_argv(monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder) -> None:
+def test_cli_with_args_ignores_and_keeps_the_callers_argv(
+    monkeypatch: pytest.MonkeyPatch, recwarn: pytest.WarningsRecorder
+) -> None:
     """rmr-study drives the CLI in-process: its own argv must neither leak into a run nor be lost."""
     argv = ["rmr-study", "--config", "configs/study/demo.yaml"]
     monkeypatch.setattr("sys.argv", argv[:])
@@ -241,9 +390,18 @@ def test_cli_with_args_ignores_and_keeps_the_callers_argv(monkeypatch: pytest.Mo
 def test_default_root_dir_moves_every_output_of_pretraining(tmp_path: Path) -> None:
     """``{default_root_dir}`` in the shipped config: one override moves artifact, checkpoints and logs."""
     root = tmp_path / "short"
-    cli = _fit(["--config", "configs/pretrain/ndm.yaml", *TINY_PRETRAIN, "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-                "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir={default_root_dir}",
-                f"--trainer.default_root_dir={root}"])  # fmt: skip
+    cli = _fit(
+        [
+            "--config",
+            "configs/pretrain/ndm.yaml",
+            *TINY_PRETRAIN,
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.init_args.save_dir={default_root_dir}",
+            f"--trainer.default_root_dir={root}",
+        ]
+    )
     assert (root / "processor.pt").is_file() and (root / "checkpoints" / "last.ckpt").is_file()
     assert Path(cli.trainer.logger.save_dir) == root
     saved = list(root.rglob("config.yaml"))

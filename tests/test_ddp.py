@@ -10,17 +10,31 @@ import pytest
 
 from tests.helpers import REPO, TINY_PRETRAIN, rmr, tiny_natural
 
-DDP = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.enable_progress_bar=false"]
+DDP = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=2",
+    "--trainer.strategy=ddp",
+    "--trainer.enable_progress_bar=false",
+]
 
 
 def test_natural_ddp_ranks_see_disjoint_subjects(tiny_artifact: Path, tmp_path: Path) -> None:
     probe = {"class_path": "ddp_probe.RecordSubjects", "init_args": {"dirpath": str(tmp_path / "seen")}}
     args = [
-        "fit", "--config", "configs/natural/brain_mri.yaml", *tiny_natural(tiny_artifact),
-        "--data.init_args.batch_size=1", "--trainer.max_epochs=2", "--trainer.max_steps=-1",
-        "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1",
-        "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks=[{json.dumps(probe)}]", *DDP,
-    ]  # fmt: skip
+        "fit",
+        "--config",
+        "configs/natural/brain_mri.yaml",
+        *tiny_natural(tiny_artifact),
+        "--data.init_args.batch_size=1",
+        "--trainer.max_epochs=2",
+        "--trainer.max_steps=-1",
+        "--trainer.val_check_interval=null",
+        "--trainer.check_val_every_n_epoch=1",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.callbacks=[{json.dumps(probe)}]",
+        *DDP,
+    ]
     env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     result = rmr(args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -33,12 +47,21 @@ def test_natural_ddp_ranks_see_disjoint_subjects(tiny_artifact: Path, tmp_path: 
 
 
 def test_pretraining_ddp_completes_and_rank_zero_writes_the_artifact(tmp_path: Path) -> None:
-    callbacks = [{"class_path": "rmr_lightning.callbacks.PretrainingArtifacts", "init_args": {"dirpath": str(tmp_path)}}]
+    callbacks = [
+        {"class_path": "rmr_lightning.callbacks.PretrainingArtifacts", "init_args": {"dirpath": str(tmp_path)}}
+    ]
     args = [
-        "fit", "--config", "configs/pretrain/ndm.yaml", *TINY_PRETRAIN, "--trainer.max_steps=4",
-        "--trainer.val_check_interval=2", "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.callbacks={json.dumps(callbacks)}", *DDP,
-    ]  # fmt: skip
+        "fit",
+        "--config",
+        "configs/pretrain/ndm.yaml",
+        *TINY_PRETRAIN,
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+        *DDP,
+    ]
     result = rmr(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "processor.pt").is_file()
@@ -46,7 +69,9 @@ def test_pretraining_ddp_completes_and_rank_zero_writes_the_artifact(tmp_path: P
     assert curve[0] == "step,seconds,train_seconds,val_r2_delta" and len(curve) == 3  # one writer, two validations
 
 
-def _centring_rank(rank: int, init_file: str, x: "torch.Tensor", present: "torch.Tensor", out_dir: str, first: int) -> None:
+def _centring_rank(
+    rank: int, init_file: str, x: torch.Tensor, present: torch.Tensor, out_dir: str, first: int
+) -> None:
     """One of two processes: its share of the batch (rank 0 the first ``first`` subjects) through
     RegionCentring, outputs and gradients saved."""
     from datetime import timedelta
@@ -56,14 +81,19 @@ def _centring_rank(rank: int, init_file: str, x: "torch.Tensor", present: "torch
     from rmr_lightning.finetuning import RegionCentring
 
     # a collective one rank skips would hang; fail within a minute instead
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     try:
         half = slice(0, first) if rank == 0 else slice(first, len(x))
         xs = x[half].clone().requires_grad_(True)
         centring = RegionCentring(num_regions=x.shape[1], channels=x.shape[2]).train()
         out = centring(xs, present[half])
         (out.pow(3) * present[half]).sum().backward()  # a loss whose gradient depends on the statistics
-        torch.save({"out": out.detach(), "grad": xs.grad, "mean": centring.running_mean, "var": centring.running_var}, f"{out_dir}/rank{rank}.pt")
+        torch.save(
+            {"out": out.detach(), "grad": xs.grad, "mean": centring.running_mean, "var": centring.running_var},
+            f"{out_dir}/rank{rank}.pt",
+        )
     finally:
         torch.distributed.destroy_process_group()
 
@@ -92,4 +122,6 @@ def test_region_centring_uses_the_global_batch_across_processes(tmp_path: Path, 
     assert torch.allclose(torch.cat([r["out"] for r in ranks]), out.detach(), atol=1e-5)
     assert torch.allclose(torch.cat([r["grad"] for r in ranks]), whole.grad, atol=1e-4)
     for r in ranks:
-        assert torch.allclose(r["mean"], centring.running_mean, atol=1e-6) and torch.allclose(r["var"], centring.running_var, atol=1e-6)
+        assert torch.allclose(r["mean"], centring.running_mean, atol=1e-6) and torch.allclose(
+            r["var"], centring.running_var, atol=1e-6
+        )

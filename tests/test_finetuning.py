@@ -26,19 +26,30 @@ def phantoms() -> BrainPhantomDataModule:
 def _model(artifact: Path, variant: str, readout: str = "calibrated") -> FrozenProcessorFinetuning:
     torch.manual_seed(0)
     return FrozenProcessorFinetuning(
-        processor_artifact=str(artifact), variant=variant, encoder=RegionCNN(widths=(2, 4, 4), out_channels=4), head_hidden=8,
+        processor_artifact=str(artifact),
+        variant=variant,
+        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
+        head_hidden=8,
         readout=readout,
     )
 
 
 def _trainer(tmp_path: Path, steps: int = 3) -> L.Trainer:
     return L.Trainer(
-        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=1, num_sanity_val_steps=0,
-    )  # fmt: skip
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
 
 
-def test_frozen_processor_is_bit_identical_after_fit_and_in_eval_mode(tiny_artifact: Path, phantoms, tmp_path: Path) -> None:
+def test_frozen_processor_is_bit_identical_after_fit_and_in_eval_mode(
+    tiny_artifact: Path, phantoms, tmp_path: Path
+) -> None:
     model = _model(tiny_artifact, "rmr")
     reference = load_processor_artifact(tiny_artifact).processor.state_dict()
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
@@ -60,7 +71,10 @@ def test_each_variant_trains_exactly_its_parts(tiny_artifact: Path, variant: str
     trains_p = any(p.requires_grad for p in model.processor.parameters())
     assert trains_p == policy.trainable
     artifact = load_processor_artifact(tiny_artifact)
-    same = all(torch.equal(v, artifact.processor.state_dict().get(k, torch.empty(0))) for k, v in model.processor.state_dict().items())
+    same = all(
+        torch.equal(v, artifact.processor.state_dict().get(k, torch.empty(0)))
+        for k, v in model.processor.state_dict().items()
+    )
     assert same == policy.pretrained
     assert type(model.processor).__name__ == ("MLPProcessor" if policy.graph_free else "MPNNProcessor")
     assert all(p.requires_grad == policy.trainable for p in model.decoder.parameters())
@@ -102,7 +116,9 @@ def test_predictions_and_readout_shapes(tiny_artifact: Path, phantoms) -> None:
     assert preds["followup"].shape == (2, 84) and len(preds["subject_ids"]) == 2
 
 
-def test_residual_readout_starts_as_the_calibrated_one_and_then_learns_its_correction(tiny_artifact: Path, phantoms, tmp_path: Path) -> None:
+def test_residual_readout_starts_as_the_calibrated_one_and_then_learns_its_correction(
+    tiny_artifact: Path, phantoms, tmp_path: Path
+) -> None:
     phantoms.setup("fit")
     batch = next(iter(phantoms.val_dataloader()))
     calibrated, residual = _model(tiny_artifact, "rmr").eval(), _model(tiny_artifact, "rmr", readout="residual").eval()
@@ -167,7 +183,9 @@ def test_region_moments_are_the_mean_and_mean_square_per_region(requires_grad: b
             values = image.detach()[b, 0][labels[b, 0] == r]
             assert counts[b, r - 1] == values.numel()
             assert torch.allclose(mean[b, r - 1, 0], values.mean() if values.numel() else torch.tensor(0.0), atol=1e-5)
-            assert torch.allclose(square[b, r - 1, 0], (values**2).mean() if values.numel() else torch.tensor(0.0), atol=1e-4)
+            assert torch.allclose(
+                square[b, r - 1, 0], (values**2).mean() if values.numel() else torch.tensor(0.0), atol=1e-4
+            )
 
 
 def test_region_histogram_counts_the_share_of_voxels_in_each_band() -> None:
@@ -196,7 +214,9 @@ def test_region_centring_removes_each_regions_mean_but_keeps_their_relative_spre
     centring = RegionCentring(num_regions=3, channels=2).train()
     out = centring(x, present)
     assert torch.allclose(out[:, :2].mean(0), torch.zeros(2, 2), atol=1e-5)
-    assert torch.allclose(out[32:, 2].mean(0), torch.zeros(2), atol=1e-5) and torch.equal(out[:32, 2], torch.zeros(32, 2))
+    assert torch.allclose(out[32:, 2].mean(0), torch.zeros(2), atol=1e-5) and torch.equal(
+        out[:32, 2], torch.zeros(32, 2)
+    )
     ratio = out[:, 0].std(0) / out[:, 1].std(0)
     assert torch.allclose(ratio, x[:, 0].std(0) / x[:, 1].std(0), rtol=1e-4) and bool((ratio > 5).all())
     expected_var = ((x[:, :2] - x[:, :2].mean(0)) ** 2).sum((0, 1)) + ((x[32:, 2] - x[32:, 2].mean(0)) ** 2).sum(0)
@@ -232,9 +252,13 @@ def test_a_poorly_pretrained_frozen_processor_is_warned_about(tiny_artifact: Pat
 
 def test_cohort_parameters_and_gains_get_their_own_learning_rates(tiny_artifact: Path) -> None:
     torch.manual_seed(0)
-    model = FrozenProcessorFinetuning(processor_artifact=str(tiny_artifact), encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
-                                      cohort_lr_factor=10.0, gain_lr_factor=30.0,
-                                      optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))  # fmt: skip
+    model = FrozenProcessorFinetuning(
+        processor_artifact=str(tiny_artifact),
+        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
+        cohort_lr_factor=10.0,
+        gain_lr_factor=30.0,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
+    )
     optimizer = model.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}

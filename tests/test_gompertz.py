@@ -21,7 +21,9 @@ from rmr_lightning.algorithms import (
 
 def test_solves_the_gompertz_ode():
     r, rho, v0, t = 0.9, 0.4, 0.3, 2.5
-    ref = scipy.integrate.solve_ivp(lambda s, v: r * np.exp(-rho * s) * v, (0, t), [v0], method="DOP853", rtol=1e-12, atol=1e-14).y[0, -1]
+    ref = scipy.integrate.solve_ivp(
+        lambda s, v: r * np.exp(-rho * s) * v, (0, t), [v0], method="DOP853", rtol=1e-12, atol=1e-14
+    ).y[0, -1]
     got = gompertz_volume(torch.tensor(v0, dtype=torch.float64), r, rho, t)
     assert abs(float(got) - ref) / ref < 1e-9
 

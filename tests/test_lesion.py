@@ -23,7 +23,9 @@ from rmr_lightning.algorithms import NODULE_VDT_DAYS, growth_rate
 from rmr_lightning.cli import cli_main
 from tests.helpers import REPO, rmr, subprocess_env, tiny_lesion, tiny_model
 
-SMALL = dict(train_pool=6, num_val=2, num_test=2, size=24, patch_size=16, roi_mm=5.0, diameter_mm=(4.0, 8.0), batch_size=2)
+SMALL = dict(
+    train_pool=6, num_val=2, num_test=2, size=24, patch_size=16, roi_mm=5.0, diameter_mm=(4.0, 8.0), batch_size=2
+)
 
 
 def test_abstract_lesions_are_single_nodes_following_gompertz():
@@ -43,7 +45,9 @@ def test_follow_up_volume_uses_the_doubling_time_of_the_nodule_type():
     t = lesions["covariates"][:, 0].double()
     vdt_days = t * math.log(2) / torch.log(v1 / v0) * 365.25  # exponential growth when rho = 0
     for k, name in enumerate(NODULE_TYPES):
-        assert torch.allclose(vdt_days[lesions["kind"] == k], torch.tensor(NODULE_VDT_DAYS[name], dtype=torch.float64), rtol=1e-4)
+        assert torch.allclose(
+            vdt_days[lesions["kind"] == k], torch.tensor(NODULE_VDT_DAYS[name], dtype=torch.float64), rtol=1e-4
+        )
     d = lesions["diameter"]
     assert torch.allclose(v0, math.pi / 6 * d**3 / 1000, rtol=1e-5)  # mL
     assert growth_rate(NODULE_VDT_DAYS["solid"]) > growth_rate(NODULE_VDT_DAYS["ground_glass"])
@@ -94,7 +98,9 @@ def test_centred_patch_outside_the_volume_is_refused(tmp_path: Path):
         next(iter(dm.val_dataloader()))
 
 
-def test_lesion_finetuning_keeps_the_frozen_mlp_and_estimates_the_rate_per_subject(tiny_lesion_artifact: Path, tmp_path: Path):
+def test_lesion_finetuning_keeps_the_frozen_mlp_and_estimates_the_rate_per_subject(
+    tiny_lesion_artifact: Path, tmp_path: Path
+):
     import lightning as L
 
     from rmr_lightning.encoders import RegionCNN
@@ -102,12 +108,20 @@ def test_lesion_finetuning_keeps_the_frozen_mlp_and_estimates_the_rate_per_subje
 
     dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
     model = FrozenProcessorFinetuning(
-        str(tiny_lesion_artifact), connectome="isolated", subject_params=["r"], covariate_names=["horizon"],
-        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4), region_centring=False, state_init=0.3, state_unit=4.18879,
-    )  # fmt: skip
+        str(tiny_lesion_artifact),
+        connectome="isolated",
+        subject_params=["r"],
+        covariate_names=["horizon"],
+        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
+        region_centring=False,
+        state_init=0.3,
+        state_unit=4.18879,
+    )
     before = {k: v.clone() for k, v in model.processor.state_dict().items()}
     head = model.param_head[0].weight.clone()
-    L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False).fit(model, dm)
+    L.Trainer(
+        max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    ).fit(model, dm)
     assert all(torch.equal(before[k], v) for k, v in model.processor.state_dict().items())
     assert not torch.equal(head, model.param_head[0].weight)  # the rate head learns through the frozen P
     b = next(iter(dm.val_dataloader()))
@@ -116,18 +130,31 @@ def test_lesion_finetuning_keeps_the_frozen_mlp_and_estimates_the_rate_per_subje
     low, high = model.param_low[0], model.param_high[0]
     assert z.shape == (2, model.processor.hidden_dim) and torch.all((params[:, 0] > low) & (params[:, 0] < high))
     with pytest.raises(ValueError, match="subject_params"):
-        FrozenProcessorFinetuning(str(tiny_lesion_artifact), connectome="isolated", subject_params=["t"], covariate_names=["horizon"])
+        FrozenProcessorFinetuning(
+            str(tiny_lesion_artifact), connectome="isolated", subject_params=["t"], covariate_names=["horizon"]
+        )
 
 
 def test_lesion_ddp_ranks_read_disjoint_subjects_from_their_queues(tiny_lesion_artifact: Path, tmp_path: Path):
     probe = {"class_path": "ddp_probe.RecordSubjects", "init_args": {"dirpath": str(tmp_path / "seen")}}
     args = [
-        "fit", "--config", "configs/natural/lesion_ct.yaml", *tiny_lesion(tiny_lesion_artifact),
-        f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--trainer.max_epochs=2", "--trainer.max_steps=-1",
-        "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1", "--trainer.logger=false",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.callbacks=[{json.dumps(probe)}]",
-        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.enable_progress_bar=false",
-    ]  # fmt: skip
+        "fit",
+        "--config",
+        "configs/natural/lesion_ct.yaml",
+        *tiny_lesion(tiny_lesion_artifact),
+        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+        "--trainer.max_epochs=2",
+        "--trainer.max_steps=-1",
+        "--trainer.val_check_interval=null",
+        "--trainer.check_val_every_n_epoch=1",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.callbacks=[{json.dumps(probe)}]",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.enable_progress_bar=false",
+    ]
     env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     result = rmr(args, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -143,7 +170,9 @@ def test_lesion_ddp_ranks_read_disjoint_subjects_from_their_queues(tiny_lesion_a
 
 
 @pytest.mark.parametrize("from_mean", [True, False])
-def test_calibrated_change_starts_from_p_alone_or_from_the_mean(tiny_lesion_artifact: Path, tmp_path: Path, from_mean: bool):
+def test_calibrated_change_starts_from_p_alone_or_from_the_mean(
+    tiny_lesion_artifact: Path, tmp_path: Path, from_mean: bool
+):
     """``change_from_mean=False``: at the start the predicted change is exactly P's change times the gain."""
     from rmr_lightning.encoders import RegionCNN
     from rmr_lightning.finetuning import FrozenProcessorFinetuning
@@ -151,9 +180,15 @@ def test_calibrated_change_starts_from_p_alone_or_from_the_mean(tiny_lesion_arti
     dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
     dm.setup("fit")
     model = FrozenProcessorFinetuning(
-        str(tiny_lesion_artifact), connectome="isolated", subject_params=["r"], covariate_names=["horizon"],
-        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4), region_centring=False, state_unit=4.0, change_from_mean=from_mean,
-    ).eval()  # fmt: skip
+        str(tiny_lesion_artifact),
+        connectome="isolated",
+        subject_params=["r"],
+        covariate_names=["horizon"],
+        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
+        region_centring=False,
+        state_unit=4.0,
+        change_from_mean=from_mean,
+    ).eval()
     model.target_mean.fill_(5.0)
     b = next(iter(dm.val_dataloader()))
     with torch.no_grad():
@@ -177,9 +212,14 @@ def test_log_ratio_loss_adds_the_squared_error_of_log_growth(tiny_lesion_artifac
     for weight in (0.0, 2.0):
         torch.manual_seed(0)
         model = FrozenProcessorFinetuning(
-            str(tiny_lesion_artifact), connectome="isolated", subject_params=["r"], covariate_names=["horizon"],
-            encoder=RegionCNN(widths=(2, 4, 4), out_channels=4), region_centring=False, log_ratio_weight=weight,
-        ).eval()  # fmt: skip
+            str(tiny_lesion_artifact),
+            connectome="isolated",
+            subject_params=["r"],
+            covariate_names=["horizon"],
+            encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
+            region_centring=False,
+            log_ratio_weight=weight,
+        ).eval()
         with torch.no_grad():
             loss, out = model.model_step(b)
         losses.append(loss)
@@ -189,7 +229,9 @@ def test_log_ratio_loss_adds_the_squared_error_of_log_growth(tiny_lesion_artifac
     assert torch.allclose(losses[1] - losses[0], 2.0 * expected, rtol=1e-4)
 
 
-def _lesion_fit(artifact: Path, cache: Path, root: Path, epochs: int, ckpt_path: str | None = None, stop_after: int | None = None):
+def _lesion_fit(
+    artifact: Path, cache: Path, root: Path, epochs: int, ckpt_path: str | None = None, stop_after: int | None = None
+):
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
@@ -203,11 +245,21 @@ def _lesion_fit(artifact: Path, cache: Path, root: Path, epochs: int, ckpt_path:
     L.seed_everything(0)
     dm = LesionCTDataModule(**SMALL, cache_dir=str(cache))
     model = FrozenProcessorFinetuning(
-        str(artifact), connectome="isolated", subject_params=["r"], covariate_names=["horizon"],
-        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4), region_centring=False,
-    )  # fmt: skip
+        str(artifact),
+        connectome="isolated",
+        subject_params=["r"],
+        covariate_names=["horizon"],
+        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
+        region_centring=False,
+    )
     checkpoint = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, save_last=True)
-    trainer = L.Trainer(max_epochs=epochs, logger=False, callbacks=[checkpoint, Interrupt()], enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        callbacks=[checkpoint, Interrupt()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, dm, ckpt_path=ckpt_path)
     return model
 
@@ -217,24 +269,58 @@ def test_queue_epochs_reproduce_after_a_resume(tiny_lesion_artifact: Path, tmp_p
     each epoch's patches (subjects, centres, flips, order) depend on (seed, epoch) only."""
     reference = _lesion_fit(tiny_lesion_artifact, tmp_path / "cache", tmp_path / "ref", epochs=3)
     _lesion_fit(tiny_lesion_artifact, tmp_path / "cache", tmp_path / "cut", epochs=3, stop_after=1)
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cut").glob("epoch=*")) == ["epoch=0"], list((tmp_path / "cut").iterdir())
-    resumed = _lesion_fit(tiny_lesion_artifact, tmp_path / "cache", tmp_path / "cut", epochs=3, ckpt_path=str(tmp_path / "cut" / "last.ckpt"))
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cut").glob("epoch=*")) == ["epoch=0"], list(
+        (tmp_path / "cut").iterdir()
+    )
+    resumed = _lesion_fit(
+        tiny_lesion_artifact,
+        tmp_path / "cache",
+        tmp_path / "cut",
+        epochs=3,
+        ckpt_path=str(tmp_path / "cut" / "last.ckpt"),
+    )
     ref, res = reference.state_dict(), resumed.state_dict()
     assert all(torch.allclose(ref[k].float(), res[k].float(), atol=1e-6) for k in ref)
     other = _lesion_fit(tiny_lesion_artifact, tmp_path / "cache", tmp_path / "two", epochs=3, stop_after=2)
     assert not torch.allclose(other.encoder.fuse.weight, reference.encoder.fuse.weight)  # the third epoch did train
 
 
-def test_exported_nodule_files_give_the_phantom_patches_and_fine_tune_through_the_manifest(tiny_lesion_artifact: Path, tmp_path: Path) -> None:
+def test_exported_nodule_files_give_the_phantom_patches_and_fine_tune_through_the_manifest(
+    tiny_lesion_artifact: Path, tmp_path: Path
+) -> None:
     """Your own nodule scans: NIfTI files and a manifest, read by ``configs/natural/lesion_manifest.yaml``."""
     export = [sys.executable, "scripts/export_lesion_phantoms.py", str(tmp_path / "nodules"), "--subjects", "8"]
-    done = subprocess.run(export, cwd=REPO, env=subprocess_env(PYTHONPATH=str(REPO), RMR_CACHE=str(tmp_path)), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        export,
+        cwd=REPO,
+        env=subprocess_env(PYTHONPATH=str(REPO), RMR_CACHE=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     manifest = tmp_path / "nodules" / "manifest.csv"
-    config = ["--config", "configs/natural/lesion_ct.yaml", "--config", "configs/natural/lesion_manifest.yaml", f"--data.init_args.manifest={manifest}"]
-    cli = cli_main([*config, *tiny_model(tiny_lesion_artifact), "--data.init_args.val_fraction=0.25", "--data.init_args.test_fraction=0.25",
-                    "--data.init_args.batch_size=2", "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.logger=false",
-                    f"--trainer.default_root_dir={tmp_path / 'run'}"], run=False)  # fmt: skip
+    config = [
+        "--config",
+        "configs/natural/lesion_ct.yaml",
+        "--config",
+        "configs/natural/lesion_manifest.yaml",
+        f"--data.init_args.manifest={manifest}",
+    ]
+    cli = cli_main(
+        [
+            *config,
+            *tiny_model(tiny_lesion_artifact),
+            "--data.init_args.val_fraction=0.25",
+            "--data.init_args.test_fraction=0.25",
+            "--data.init_args.batch_size=2",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+        ],
+        run=False,
+    )
     dm = cli.datamodule
     assert isinstance(dm, ManifestDataModule) and cli.model.region_names == dm.region_names == ["lesion"]
 
@@ -262,4 +348,6 @@ def test_exported_nodule_files_give_the_phantom_patches_and_fine_tune_through_th
     cli.trainer.predict(cli.model, datamodule=dm)
     frame = pd.read_csv(tmp_path / "run" / "predictions" / "predictions.csv")
     assert sorted(frame["subject_id"]) == [f"nodule-{i:04d}" for i in range(8)]
-    assert {"horizon", "lesion_baseline", "lesion_followup", "lesion_vdt_days", "lesion_suspicious"} <= set(frame.columns)
+    assert {"horizon", "lesion_baseline", "lesion_followup", "lesion_vdt_days", "lesion_suspicious"} <= set(
+        frame.columns
+    )

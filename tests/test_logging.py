@@ -26,17 +26,30 @@ def test_wandb_defaults_to_offline_without_a_login(monkeypatch, tmp_path: Path) 
     assert os.environ["WANDB_MODE"] == "online"
 
 
-def test_natural_run_logs_config_hash_and_variant_to_wandb(tiny_artifact: Path, tmp_path: Path, monkeypatch, recwarn) -> None:
+def test_natural_run_logs_config_hash_and_variant_to_wandb(
+    tiny_artifact: Path, tmp_path: Path, monkeypatch, recwarn
+) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt")}}
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(tmp_path / "ckpt")},
+    }
     scans = {"class_path": "rmr_lightning.scan_images.LogScanSlices", "init_args": {"max_scans": 2}}  # opt-in images
     cli = cli_main(
-        ["--config", "configs/natural/brain_mri.yaml", *tiny_natural(tiny_artifact), "--model.init_args.variant=scratch",
-         "--trainer.max_steps=1", "--trainer.val_check_interval=1", f"--trainer.logger.init_args.save_dir={tmp_path}",
-         f"--trainer.callbacks=[{json.dumps(checkpoint)}, {json.dumps(scans)}]", "--trainer.enable_progress_bar=false"],
+        [
+            "--config",
+            "configs/natural/brain_mri.yaml",
+            *tiny_natural(tiny_artifact),
+            "--model.init_args.variant=scratch",
+            "--trainer.max_steps=1",
+            "--trainer.val_check_interval=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.callbacks=[{json.dumps(checkpoint)}, {json.dumps(scans)}]",
+            "--trainer.enable_progress_bar=false",
+        ],
         run=False,
-    )  # fmt: skip
+    )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     config = cli.trainer.logger.experiment.config
     assert config["cli"]["model"]["init_args"]["variant"] == "scratch"  # the nested config, not flattened
@@ -63,15 +76,26 @@ def test_scan_slices_without_wandb_are_pngs_of_the_preprocessed_scans(tiny_artif
 
     scans = {"class_path": "rmr_lightning.scan_images.LogScanSlices", "init_args": {"max_scans": 3}}
     cli = cli_main(
-        ["--config", "configs/natural/brain_mri.yaml", *tiny_natural(tiny_artifact), "--trainer.max_steps=1",
-         "--trainer.val_check_interval=1", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-         f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.callbacks=[{json.dumps(scans)}]",
-         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"],
+        [
+            "--config",
+            "configs/natural/brain_mri.yaml",
+            *tiny_natural(tiny_artifact),
+            "--trainer.max_steps=1",
+            "--trainer.val_check_interval=1",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.callbacks=[{json.dumps(scans)}]",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
         run=False,
-    )  # fmt: skip
+    )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     files = sorted((Path(cli.trainer.logger.log_dir) / "scans").glob("*.png"))
-    assert [f.name for f in files] == ["val_scan_0.png", "val_scan_1.png"]  # the validation batch holds 2 of the 3 asked for
+    assert [f.name for f in files] == [
+        "val_scan_0.png",
+        "val_scan_1.png",
+    ]  # the validation batch holds 2 of the 3 asked for
     panel = plt.imread(files[0])
     assert panel.ndim == 3 and panel[..., :3].std() > 0.05  # slices, not a blank image
     assert all(b"phantom-" not in f.read_bytes() for f in files)

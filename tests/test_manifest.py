@@ -104,8 +104,16 @@ def anatomical_case(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def scan_row(sid: str, image: Path, labels: Path) -> dict:
-    return {"subject_id": sid, "image": str(image), "label_map": str(labels), "age": 70, "horizon": 2,
-            "reg_a": 1.0, "reg_b": 2.0, "reg_c": 3.0}
+    return {
+        "subject_id": sid,
+        "image": str(image),
+        "label_map": str(labels),
+        "age": 70,
+        "horizon": 2,
+        "reg_a": 1.0,
+        "reg_b": 2.0,
+        "reg_c": 3.0,
+    }
 
 
 def files_under(folder: Path) -> list[tuple[str, int]]:
@@ -154,7 +162,9 @@ def test_train_batches_have_the_scan_batch_layout(cohort):
     batch = next(iter(dm.train_dataloader()))
     assert isinstance(batch, ScanBatch)
     assert batch.image.shape == (2, 1, 6, 6, 4) and batch.image.dtype == torch.float32
-    assert batch.labels.shape == (2, 1, 6, 6, 4) and batch.labels.dtype == torch.uint8  # compact: 8x fewer bytes from workers
+    assert (
+        batch.labels.shape == (2, 1, 6, 6, 4) and batch.labels.dtype == torch.uint8
+    )  # compact: 8x fewer bytes from workers
     assert set(batch.labels.unique().tolist()) <= {0, 1, 2, 3} and batch.labels.max() > 0
     assert batch.covariates.shape == (2, 2) and batch.covariates.dtype == torch.float32
     assert batch.target.shape == (2, 3, 2) and batch.state.shape == (2, 3)
@@ -282,7 +292,9 @@ def test_scans_are_preprocessed_once_across_runs_and_again_when_a_file_changes(c
     folder, rows = cohort(6)
     builds = []
     original = ScanCache.build
-    monkeypatch.setattr(ScanCache, "build", lambda self, source: builds.append(source.image.name) or original(self, source))
+    monkeypatch.setattr(
+        ScanCache, "build", lambda self, source: builds.append(source.image.name) or original(self, source)
+    )
     manifest = str(write_manifest(folder / "m.csv", rows))
     settings = {"val_fraction": 0, "test_fraction": 0, "cache_dir": str(tmp_path / "cache"), **SMALL}
     epochs = []

@@ -14,10 +14,38 @@ from datamodules.manifest import ManifestDataModule, ManifestError
 from tests.test_manifest import REGIONS, SMALL, synthetic_row
 
 COLUMNS = ["subject_id", "image", "label_map", "label_scheme", "age", "horizon", *REGIONS, "base_reg_a", "extra"]
-NASTY = ["", " ", "nan", "inf", "-inf", "1e309", "NaN", "0x10", "1,5", "=cmd|' /C calc'!A0", "../../etc/passwd", "\x00",
-         "scans", "scans/", "scans/sub-00_t1.nii.gz", "scans/sub-00_dk.nii.gz", "aparc+aseg", "dk84", "é", "\"", "\n",
-         "sub-00", "/", "~", "-1", "1e-300", "9" * 400]  # fmt: skip
-cells = st.one_of(st.sampled_from(NASTY), st.text(max_size=30), st.floats(allow_nan=True).map(str), st.integers().map(str))
+NASTY = [
+    "",
+    " ",
+    "nan",
+    "inf",
+    "-inf",
+    "1e309",
+    "NaN",
+    "0x10",
+    "1,5",
+    "=cmd|' /C calc'!A0",
+    "../../etc/passwd",
+    "\x00",
+    "scans",
+    "scans/",
+    "scans/sub-00_t1.nii.gz",
+    "scans/sub-00_dk.nii.gz",
+    "aparc+aseg",
+    "dk84",
+    "é",
+    '"',
+    "\n",
+    "sub-00",
+    "/",
+    "~",
+    "-1",
+    "1e-300",
+    "9" * 400,
+]
+cells = st.one_of(
+    st.sampled_from(NASTY), st.text(max_size=30), st.floats(allow_nan=True).map(str), st.integers().map(str)
+)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,9 @@ SUBJECTS, SPACING, SEED = 6, 8, 3
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantoms") / "bids"
-    assert main(["phantoms", str(out), "--subjects", str(SUBJECTS), "--spacing", str(SPACING), "--seed", str(SEED)]) == 0
+    assert (
+        main(["phantoms", str(out), "--subjects", str(SUBJECTS), "--spacing", str(SPACING), "--seed", str(SEED)]) == 0
+    )
     return out
 
 
@@ -36,7 +38,11 @@ def _fs(dataset, subject: str, session: str):
 
 def _volumes(dataset, subject: str, session: str) -> dict[str, float]:
     stats = _fs(dataset, subject, session) / "stats"
-    return read_aseg(stats / "aseg.stats")[0] | read_aparc(stats / "lh.aparc.stats", "lh") | read_aparc(stats / "rh.aparc.stats", "rh")
+    return (
+        read_aseg(stats / "aseg.stats")[0]
+        | read_aparc(stats / "lh.aparc.stats", "lh")
+        | read_aparc(stats / "rh.aparc.stats", "rh")
+    )
 
 
 def test_bids_layout_and_tables(dataset):
@@ -95,7 +101,9 @@ def test_stats_hold_exact_partial_volumes_and_truth_the_atrophy(dataset):
             assert len(present) == 68
             np.testing.assert_allclose([stats[names[r]] for r in present], expected[present].numpy(), atol=1e-3)
             columns = [f"base_{n}" if k == 0 else n for n in names]
-            np.testing.assert_allclose(truth.loc[i, [columns[r] for r in present]].to_numpy(float), atrophy[present].numpy(), atol=1e-6)
+            np.testing.assert_allclose(
+                truth.loc[i, [columns[r] for r in present]].to_numpy(float), atrophy[present].numpy(), atol=1e-6
+            )
             assert truth.loc[i, columns].isna().sum() == 16
 
 
@@ -126,7 +134,10 @@ def test_each_session_is_rendered_and_segmented_from_its_own_atrophy(tmp_path, m
     names = dk84_region_names()
     left = phantom_dataset.left_hemisphere(tuple(anatomy.gm.shape), anatomy.affine)
     for i, subject in enumerate(("sub-001", "sub-002")):
-        images = [np.asarray(nib.load(tmp_path / subject / s / "anat" / f"{subject}_{s}_T1w.nii.gz").dataobj) for s in SESSIONS]
+        images = [
+            np.asarray(nib.load(tmp_path / subject / s / "anat" / f"{subject}_{s}_T1w.nii.gz").dataobj)
+            for s in SESSIONS
+        ]
         change = (cohort["atrophy"][1][i] - cohort["atrophy"][0][i]).double()
         lost = anatomy.gm.double() * torch.cat([change.new_zeros(1), change])[anatomy.labels]
         contrast = cohort["contrast"][i].double()

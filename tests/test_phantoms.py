@@ -15,7 +15,9 @@ from rmr_lightning.anatomy import load_anatomy
 def cohort_inputs():
     anatomy = load_anatomy(8)
     observed = anatomy.region_voxels_1mm > 0
-    disease = simulate_disease(3, np.random.default_rng(0), NetworkDiffusion(), {"gamma": 0.15}, observed, (1.0, 8.0), (1.0, 4.0), (60.0, 85.0))
+    disease = simulate_disease(
+        3, np.random.default_rng(0), NetworkDiffusion(), {"gamma": 0.15}, observed, (1.0, 8.0), (1.0, 4.0), (60.0, 85.0)
+    )
     return anatomy, disease
 
 
@@ -55,13 +57,18 @@ def test_cached_preprocessing_equals_preprocessing_each_subject(tmp_path) -> Non
     affine = cohort["affine"].numpy()
     transform = preprocessing(8, tuple(cohort["image"].shape[-3:]), "ct")
     for i in (0, 3):  # a training and the validation subject
-        raw = tio.Subject(image=tio.ScalarImage(tensor=cohort["image"][i].clone(), affine=affine), label_map=tio.LabelMap(tensor=cohort["labels"][i].long(), affine=affine))
+        raw = tio.Subject(
+            image=tio.ScalarImage(tensor=cohort["image"][i].clone(), affine=affine),
+            label_map=tio.LabelMap(tensor=cohort["labels"][i].long(), affine=affine),
+        )
         expected = transform(raw)
         got = dm.datasets["train" if i < 3 else "val"][i if i < 3 else 0]
         assert torch.equal(got["image"].data, expected["image"].data)
         assert torch.equal(got["label_map"].data, expected["label_map"].data)
         assert np.allclose(got["image"].affine, expected["image"].affine)
-    again = BrainPhantomDataModule(modality="ct", spacing=8, train_pool=3, num_val=1, num_test=1, cache_dir=str(tmp_path))
+    again = BrainPhantomDataModule(
+        modality="ct", spacing=8, train_pool=3, num_val=1, num_test=1, cache_dir=str(tmp_path)
+    )
     again.setup("fit")  # from both caches
     assert torch.equal(again.datasets["val"][0]["image"].data, dm.datasets["val"][0]["image"].data)
 
@@ -84,4 +91,6 @@ def test_preprocessing_cache_key_ignores_memory_addresses() -> None:
     assert transform_key(tio.ZNormalization(masking_method=a)) == transform_key(tio.ZNormalization(masking_method=b))
     assert transform_key(preprocessing(4, (45, 54, 45), "mri")) != transform_key(preprocessing(6, (45, 54, 45), "mri"))
     assert transform_key(preprocessing(4, (45, 54, 45), "mri")) != transform_key(preprocessing(4, (45, 54, 45), "ct"))
-    assert transform_key(preprocessing(4, (45, 54, 45), "ct")) != transform_key(preprocessing(4, (45, 54, 45), "ct", (-20.0, 100.0)))
+    assert transform_key(preprocessing(4, (45, 54, 45), "ct")) != transform_key(
+        preprocessing(4, (45, 54, 45), "ct", (-20.0, 100.0))
+    )

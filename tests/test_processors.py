@@ -73,7 +73,10 @@ def test_graph_changes_the_mpnn_but_not_the_mlp() -> None:
     edge_index, edge_weight = _graph()
     z = torch.randn(7, 16)
     mpnn, mlp = MPNNProcessor(16, 2), MLPProcessor(16, 2)
-    assert not torch.allclose(mpnn(z, edge_index=edge_index, edge_weight=edge_weight), mpnn(z, edge_index=edge_index, edge_weight=2 * edge_weight))
+    assert not torch.allclose(
+        mpnn(z, edge_index=edge_index, edge_weight=edge_weight),
+        mpnn(z, edge_index=edge_index, edge_weight=2 * edge_weight),
+    )
     assert torch.equal(mlp(z), mlp(z, edge_index=edge_index, edge_weight=edge_weight))
 
 

@@ -70,14 +70,20 @@ def third_party_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
 def test_third_party_processor_by_short_name_through_the_cli(third_party_package: Path, tmp_path: Path) -> None:
     assert "tiny_gnn" in available_processors()
     args = [
-        "--config", "configs/pretrain/ndm.yaml",
+        "--config",
+        "configs/pretrain/ndm.yaml",
         "--model.init_args.processor=tiny_gnn",
         "--model.init_args.hidden_dim=8",
-        "--data.init_args.num_train=64", "--data.init_args.num_val=16", "--data.init_args.num_test=16",
+        "--data.init_args.num_train=64",
+        "--data.init_args.num_val=16",
+        "--data.init_args.num_test=16",
         "--data.init_args.num_graphs=8",
-        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.callbacks=[]",
-        "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false",
-    ]  # fmt: skip
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+        "--trainer.fast_dev_run=true",
+        "--trainer.enable_progress_bar=false",
+    ]
     cli = cli_main(args, run=False)
     assert type(cli.model.processor).__name__ == "TinyProcessor"
     assert cli.model.processor.hidden_dim == 8  # the pipeline passed the width in
@@ -87,10 +93,15 @@ def test_third_party_processor_by_short_name_through_the_cli(third_party_package
 
 def test_class_path_with_init_args_and_width_from_the_pipeline(tmp_path: Path) -> None:
     args = [
-        "--config", "configs/pretrain/ndm.yaml",
-        "--model.init_args.processor=processors.GATv2Processor", "--model.init_args.processor.heads=2",
-        "--model.init_args.hidden_dim=8", "--data.init_args.num_train=32", "--data.init_args.num_graphs=4",
-        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
-    ]  # fmt: skip
+        "--config",
+        "configs/pretrain/ndm.yaml",
+        "--model.init_args.processor=processors.GATv2Processor",
+        "--model.init_args.processor.heads=2",
+        "--model.init_args.hidden_dim=8",
+        "--data.init_args.num_train=32",
+        "--data.init_args.num_graphs=4",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+    ]
     cli = cli_main(args, run=False)
     assert cli.model.processor.heads == 2 and cli.model.processor.hidden_dim == 8

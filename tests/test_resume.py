@@ -16,16 +16,26 @@ from tests.helpers import REPO, TINY_PRETRAIN, rmr, subprocess_env
 def _args(root: Path, epochs: int) -> list[str]:
     callbacks = [
         {"class_path": "rmr_lightning.callbacks.PretrainingArtifacts", "init_args": {"dirpath": str(root)}},
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-         "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "save_top_k": -1, "every_n_epochs": 1}},
-    ]  # fmt: skip
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(root / "ckpt"), "save_last": True, "save_top_k": -1, "every_n_epochs": 1},
+        },
+    ]
     return [
-        "fit", "--config", "configs/pretrain/ndm.yaml", *TINY_PRETRAIN, "--data.init_args.num_train=2048",
-        "--trainer.max_steps=-1", f"--trainer.max_epochs={epochs}", "--trainer.val_check_interval=null",
-        "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false",
-        f"--trainer.logger.init_args.save_dir={root}", f"--trainer.default_root_dir={root}",
+        "fit",
+        "--config",
+        "configs/pretrain/ndm.yaml",
+        *TINY_PRETRAIN,
+        "--data.init_args.num_train=2048",
+        "--trainer.max_steps=-1",
+        f"--trainer.max_epochs={epochs}",
+        "--trainer.val_check_interval=null",
+        "--trainer.check_val_every_n_epoch=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={root}",
+        f"--trainer.default_root_dir={root}",
         f"--trainer.callbacks={json.dumps(callbacks)}",
-    ]  # fmt: skip
+    ]
 
 
 def _final(root: Path) -> dict[str, float]:
@@ -71,8 +81,13 @@ def test_killed_fit_resumes_to_the_same_result_and_wandb_run(tmp_path: Path) -> 
 
     root = tmp_path / "killed"
     env = subprocess_env()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "rmr"), *_args(root, epochs)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "rmr"), *_args(root, epochs)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while not list((root / "ckpt").glob("epoch=2*.ckpt")):
         assert proc.poll() is None, "the run finished before it could be killed"

@@ -80,7 +80,11 @@ def test_each_bad_scan_is_refused_before_training_naming_subject_column_and_file
     with pytest.raises(ManifestError) as info:
         dm.setup("fit")
     line = next(line for line in str(info.value).splitlines() if what in line)
-    assert "subject_id 'sub-02' (line 4)" in line and f"column {column!r}" in line and str(folder / rows[2][column]) in line
+    assert (
+        "subject_id 'sub-02' (line 4)" in line
+        and f"column {column!r}" in line
+        and str(folder / rows[2][column]) in line
+    )
     assert len(info.value.problems) == 1
 
 
@@ -140,8 +144,16 @@ def _dicom_row(tmp_path: Path, spoil) -> tuple[Path, str]:
     image = tio.ScalarImage(series)
     labels = tmp_path / "labels.nii.gz"
     tio.LabelMap(tensor=torch.as_tensor(slab_labels(image.spatial_shape))[None], affine=image.affine).save(labels)
-    row = {"subject_id": "sub-07", "image": str(series), "label_map": str(labels), "age": 70, "horizon": 2,
-           "reg_a": 1.0, "reg_b": 2.0, "reg_c": 3.0}  # fmt: skip
+    row = {
+        "subject_id": "sub-07",
+        "image": str(series),
+        "label_map": str(labels),
+        "age": 70,
+        "horizon": 2,
+        "reg_a": 1.0,
+        "reg_b": 2.0,
+        "reg_c": 3.0,
+    }
     manifest = write_manifest(tmp_path / "m.csv", [row])
     dm = ManifestDataModule(str(manifest), **_settings(tmp_path, shape=(8, 8, 4)))
     with pytest.raises(ManifestError) as info:
@@ -198,9 +210,20 @@ def test_a_manifest_of_freesurfer_label_maps_trains_on_dk84_regions(tmp_path):
         rng = np.random.default_rng(i)
         write_nifti(folder / f"t1_{i}.nii.gz", rng.normal(100, 20, GRID).astype(np.float32))
         write_nifti(folder / f"aparc+aseg_{i}.nii.gz", fs)
-        rows.append({"subject_id": f"sub-{i}", "image": f"t1_{i}.nii.gz", "label_map": f"aparc+aseg_{i}.nii.gz",
-                     "label_scheme": "aparc+aseg", "age": 70, "horizon": 1} | {n: 0.1 for n in names})  # fmt: skip
-    dm = ManifestDataModule(str(write_manifest(folder / "m.csv", rows)), **(_settings(tmp_path) | {"target_columns": None}))
+        rows.append(
+            {
+                "subject_id": f"sub-{i}",
+                "image": f"t1_{i}.nii.gz",
+                "label_map": f"aparc+aseg_{i}.nii.gz",
+                "label_scheme": "aparc+aseg",
+                "age": 70,
+                "horizon": 1,
+            }
+            | {n: 0.1 for n in names}
+        )
+    dm = ManifestDataModule(
+        str(write_manifest(folder / "m.csv", rows)), **(_settings(tmp_path) | {"target_columns": None})
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     present = set(batch.labels.unique().tolist())
@@ -217,7 +240,16 @@ def test_rmr_data_check_prints_one_line_per_bad_subject_and_exits_nonzero(tmp_pa
     folder = tmp_path / "study"
     rows = [synthetic_row(folder, i) for i in range(5)]
     manifest = write_manifest(folder / "m.csv", rows)
-    flags = ["--target_columns", "[reg_a, reg_b, reg_c]", "--spacing", "4", "--shape", "[6, 6, 4]", "--cache_dir", str(tmp_path / "c")]
+    flags = [
+        "--target_columns",
+        "[reg_a, reg_b, reg_c]",
+        "--spacing",
+        "4",
+        "--shape",
+        "[6, 6, 4]",
+        "--cache_dir",
+        str(tmp_path / "c"),
+    ]
     assert main(["check", str(manifest), *flags]) == 0
     assert "5 rows: 5 usable, 0 with problems" in capsys.readouterr().out
     _blank_image(folder, rows[1])
@@ -229,4 +261,7 @@ def test_rmr_data_check_prints_one_line_per_bad_subject_and_exits_nonzero(tmp_pa
     assert len(bad) == 2 and "sub-01" in bad[0] and str(folder / rows[1]["image"]) in bad[0] and "is constant" in bad[0]
     assert "sub-03" in bad[1] and "column 'label_map'" in bad[1] and "truncated or damaged" in bad[1]
     written = pd.read_csv(report)
-    assert written["subject_id"].tolist() == ["sub-01", "sub-03"] and written["file"].tolist() == [rows[1]["image"], rows[3]["label_map"]]
+    assert written["subject_id"].tolist() == ["sub-01", "sub-03"] and written["file"].tolist() == [
+        rows[1]["image"],
+        rows[3]["label_map"],
+    ]

@@ -11,7 +11,9 @@ from tests.helpers import REPO, subprocess_env
 
 def _check(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "scripts/processor_on_phantoms.py", "--subjects", "16", *args]
-    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120
+    )
 
 
 def test_processor_check_reports_its_accuracy_on_cohort_states(tiny_artifact: Path) -> None:

@@ -11,21 +11,43 @@ import pandas as pd
 import pytest
 
 from datamodules.brain_phantom import BrainPhantomDataModule
-from rmr_lightning.study import COLUMNS, Study, log_study_to_wandb, paired_ratios, parse_study, plot, run_study, summarise
+from rmr_lightning.study import (
+    COLUMNS,
+    Study,
+    log_study_to_wandb,
+    paired_ratios,
+    parse_study,
+    plot,
+    run_study,
+    summarise,
+)
 from tests.helpers import tiny_natural, tiny_study
 
 
-def test_study_writes_summary_plot_and_resumes(tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_study_writes_summary_plot_and_resumes(
+    tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     study = tiny_study(tiny_artifact, tmp_path / "study", "tiny", [0])
     # a reused output folder holding another task's run of the same variant, size and seed: not resumed, not summarised
     out = Path(study.output_dir)
     out.mkdir(parents=True)
-    other = {c: "" for c in COLUMNS} | {"task": "other", "variant": "rmr", "n_train": 2, "seed": 0, "test_mae": 99.0, "test_mae_followup": 99.0}
+    other = {c: "" for c in COLUMNS} | {
+        "task": "other",
+        "variant": "rmr",
+        "n_train": 2,
+        "seed": 0,
+        "test_mae": 99.0,
+        "test_mae_followup": 99.0,
+    }
     pd.DataFrame([other], columns=COLUMNS).to_csv(out / "summary.csv", index=False)
     cohorts: weakref.WeakSet = weakref.WeakSet()
     setups: list[str] = []
     setup = BrainPhantomDataModule.setup
-    monkeypatch.setattr(BrainPhantomDataModule, "setup", lambda self, stage=None: (cohorts.add(self), setups.append(stage), setup(self, stage))[-1])
+    monkeypatch.setattr(
+        BrainPhantomDataModule,
+        "setup",
+        lambda self, stage=None: (cohorts.add(self), setups.append(stage), setup(self, stage))[-1],
+    )
     gc.disable()  # Python's own full collections come at unpredictable times; only the runner's may free the runs
     try:
         frame = run_study(study)
@@ -54,7 +76,16 @@ def test_summary_reports_the_ratios_the_claims_rest_on() -> None:
     for variant, scale in (("rmr", 1.0), ("baseline", 2.0), ("scratch", 1.5)):
         for n in (8, 16, 64):
             for seed in (0, 1, 2):
-                rows.append({"task": "t", "variant": variant, "n_train": n, "seed": seed, "test_mae": scale / n + 0.001 * seed, "test_state_corr": 0.5})
+                rows.append(
+                    {
+                        "task": "t",
+                        "variant": variant,
+                        "n_train": n,
+                        "seed": seed,
+                        "test_mae": scale / n + 0.001 * seed,
+                        "test_state_corr": 0.5,
+                    }
+                )
     text = summarise(pd.DataFrame(rows))
     assert "n=8: rmr / baseline = 0.5" in text and "rmr at n=16 / baseline at n=64" in text
     assert "rmr at n=8 /" not in text  # no baseline at n=32 to compare with
@@ -69,13 +100,28 @@ def test_summary_reports_the_ratios_the_claims_rest_on() -> None:
     assert f"n=16: rmr / baseline = {paired:.3f} (2 seeds)" in text
 
 
-def test_wandb_study_run_logs_the_table_plot_ratios_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_study_run_logs_the_table_plot_ratios_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     rows = [
-        {c: "" for c in COLUMNS} | {"task": "t", "variant": v, "n_train": n, "seed": seed, "test_mae": scale / n, "test_r2": 0.5,
-                                    "test_mae_followup": 0.01, "test_state_corr": 0.5, "val_mae": 0.01, "seconds": 1.0}
-        for v, scale in (("rmr", 1.0), ("baseline", 2.0)) for n in (8, 16, 64) for seed in (0, 1)
-    ]  # fmt: skip
+        {c: "" for c in COLUMNS}
+        | {
+            "task": "t",
+            "variant": v,
+            "n_train": n,
+            "seed": seed,
+            "test_mae": scale / n,
+            "test_r2": 0.5,
+            "test_mae_followup": 0.01,
+            "test_state_corr": 0.5,
+            "val_mae": 0.01,
+            "seconds": 1.0,
+        }
+        for v, scale in (("rmr", 1.0), ("baseline", 2.0))
+        for n in (8, 16, 64)
+        for seed in (0, 1)
+    ]
     frame = pd.DataFrame(rows)
     plot(frame, tmp_path / "sample_efficiency.png")
     (tmp_path / "summary.md").write_text(summarise(frame))
@@ -84,7 +130,10 @@ def test_wandb_study_run_logs_the_table_plot_ratios_and_environment(tmp_path: Pa
     run_dir = next((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     table = json.loads(next(run_dir.rglob("media/table/summary_table_*.table.json")).read_text())
     assert table["columns"] == COLUMNS and len(table["data"]) == len(frame)
-    assert next(run_dir.rglob("media/images/sample_efficiency_*.png")).read_bytes() == (tmp_path / "sample_efficiency.png").read_bytes()
+    assert (
+        next(run_dir.rglob("media/images/sample_efficiency_*.png")).read_bytes()
+        == (tmp_path / "sample_efficiency.png").read_bytes()
+    )
     record = next(run_dir.glob("run-*.wandb")).read_bytes()  # config and summary live in the run's log
     assert b"ratio/rmr_n8_over_baseline_n8" in record and b"ratio/rmr_n16_over_baseline_n64" in record
     assert b"study-t" in record and b"cpu_capability" in record

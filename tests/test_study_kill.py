@@ -46,7 +46,9 @@ def _whole_summary(csv: Path, runs: int) -> pd.DataFrame:
     assert list(frame.columns) == COLUMNS, list(frame.columns)
     keys = _keys(frame)
     assert len(keys) == len(set(keys)) <= runs, keys
-    assert frame[["test_mae", "seconds"]].notna().all().all() and all(Path(p).is_file() for p in frame["checkpoint"]), frame
+    assert frame[["test_mae", "seconds"]].notna().all().all() and all(Path(p).is_file() for p in frame["checkpoint"]), (
+        frame
+    )
     return frame
 
 
@@ -61,7 +63,10 @@ def test_study_killed_at_random_moments_resumes_to_every_run_once(tiny_artifact:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["rmr_lightning.study", "tests.test_study_kill"])
     start = time.perf_counter()
-    first_rows, per_runs = [3.0], [2.0]  # seconds from an attempt's start to its first row, and between rows, as measured
+    first_rows, per_runs = (
+        [3.0],
+        [2.0],
+    )  # seconds from an attempt's start to its first row, and between rows, as measured
     kills, progress, finished_at = [], [], {}  # delay of each kill; rows when it came; each finished run as first seen
     for attempt in range(3 * MIN_KILLS):
         done = _whole_summary(csv, runs) if csv.exists() else pd.DataFrame(columns=COLUMNS)
@@ -107,15 +112,21 @@ def test_study_killed_at_random_moments_resumes_to_every_run_once(tiny_artifact:
     frame = _whole_summary(csv, runs)
     assert sorted(_keys(frame)) == sorted(study.runs())  # every run exactly once
     # runs finished before a kill were not redone: same row, same checkpoint, untouched since
-    assert len(finished_at) >= 2 and max(progress) >= 2, progress  # kills came after runs had finished, not only at the start
+    assert len(finished_at) >= 2 and max(progress) >= 2, (
+        progress
+    )  # kills came after runs had finished, not only at the start
     for key, (seconds, checkpoint, mtime) in finished_at.items():
         row = frame[(frame.variant == key[0]) & (frame.n_train == key[1]) & (frame.seed == key[2])].iloc[0]
-        assert (row.seconds, row.checkpoint) == (seconds, checkpoint) and Path(checkpoint).stat().st_mtime_ns == mtime, key
+        assert (row.seconds, row.checkpoint) == (seconds, checkpoint) and Path(
+            checkpoint
+        ).stat().st_mtime_ns == mtime, key
     # a redone run started from an empty folder: one attempt's logs and checkpoints, not a killed one's beside them
     for key in study.runs():
         folder = run_dir(study, *key)
         assert [p.name for p in (folder / "logs").iterdir()] == ["version_0"], key
-        assert len(list((folder / "checkpoints").glob("*.ckpt"))) == 2, sorted(os.listdir(folder / "checkpoints"))  # best and last
+        assert len(list((folder / "checkpoints").glob("*.ckpt"))) == 2, sorted(
+            os.listdir(folder / "checkpoints")
+        )  # best and last
     # no partial file: nothing temporary left, every CSV and JSON parses
     assert not list(out.rglob("*.tmp")), list(out.rglob("*.tmp"))
     for path in out.rglob("*.csv"):
@@ -123,17 +134,32 @@ def test_study_killed_at_random_moments_resumes_to_every_run_once(tiny_artifact:
     for path in out.rglob("*.json"):
         json.loads(path.read_text())
     assert all((out / name).stat().st_size > 0 for name in SUMMARY_FILES)
-    print(f"\n{len(kills)} kills after {', '.join(f'{d:.1f}' for d in kills)} s, rows then {progress}; "
-          f"{len(finished_at)} of {runs} runs finished before the last kill; kill phase {killed_s:.0f} s, total {time.perf_counter() - start:.0f} s")  # fmt: skip
+    print(
+        f"\n{len(kills)} kills after {', '.join(f'{d:.1f}' for d in kills)} s, rows then {progress}; "
+        f"{len(finished_at)} of {runs} runs finished before the last kill; kill phase {killed_s:.0f} s, total {time.perf_counter() - start:.0f} s"
+    )
 
 
 def _row(study: Study, variant: str, n_train: int, seed: int, task: str | None = None) -> dict:
     checkpoint = run_dir(study, variant, n_train, seed) / "checkpoints" / "last.ckpt"
-    return {c: 1.0 for c in COLUMNS} | {"task": task or study.task, "variant": variant, "n_train": n_train, "seed": seed, "checkpoint": str(checkpoint)}
+    return {c: 1.0 for c in COLUMNS} | {
+        "task": task or study.task,
+        "variant": variant,
+        "n_train": n_train,
+        "seed": seed,
+        "checkpoint": str(checkpoint),
+    }
 
 
 def test_resume_clears_a_killed_runs_folder_and_keeps_finished_ones(tmp_path: Path) -> None:
-    study = Study(base_config="configs/natural/brain_mri.yaml", output_dir=str(tmp_path), task="t", variants=["rmr", "baseline"], train_sizes=[2], seeds=[0])
+    study = Study(
+        base_config="configs/natural/brain_mri.yaml",
+        output_dir=str(tmp_path),
+        task="t",
+        variants=["rmr", "baseline"],
+        train_sizes=[2],
+        seeds=[0],
+    )
     for key in study.runs():
         (run_dir(study, *key) / "checkpoints").mkdir(parents=True)
         (run_dir(study, *key) / "checkpoints" / "last.ckpt").write_text("x")
@@ -149,11 +175,13 @@ def test_resume_clears_a_killed_runs_folder_and_keeps_finished_ones(tmp_path: Pa
     # a folder holding another task's recorded run (a reused output folder) is not deleted
     (run_dir(study, "baseline", 2, 0) / "checkpoints").mkdir(parents=True)
     (run_dir(study, "baseline", 2, 0) / "checkpoints" / "last.ckpt").write_text("x")
-    _clear_leftovers(study, [("baseline", 2, 0)], pd.DataFrame([_row(study, "baseline", 2, 0, task="other")]), Console(quiet=True))
+    _clear_leftovers(
+        study, [("baseline", 2, 0)], pd.DataFrame([_row(study, "baseline", 2, 0, task="other")]), Console(quiet=True)
+    )
     assert (run_dir(study, "baseline", 2, 0) / "checkpoints" / "last.ckpt").is_file()
 
 
-@pytest.mark.parametrize("text", ["", "task,variant\n\"rmr,2\n", "\xff\xfe\x00garbage", "a,b\n1,2\n"])
+@pytest.mark.parametrize("text", ["", 'task,variant\n"rmr,2\n', "\xff\xfe\x00garbage", "a,b\n1,2\n"])
 def test_an_unreadable_summary_is_an_error_naming_the_file(tmp_path: Path, text: str) -> None:
     csv = tmp_path / "summary.csv"
     csv.write_bytes(text.encode("latin-1"))

@@ -50,16 +50,25 @@ def test_sweep_command_runs_with_fast_dev_run(name: str, tiny_artifact: Path, tm
     if name == "pretrain":
         extra = [a for a in extra if not a.startswith("--model.init_args.hidden_dim")]  # the sweep sets it
     result = rmr(
-        [*command[2:], *extra, "--trainer.fast_dev_run=true", "--trainer.callbacks=[]", "--trainer.enable_progress_bar=false",
-         f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}"],
+        [
+            *command[2:],
+            *extra,
+            "--trainer.fast_dev_run=true",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
         env={"WANDB_DIR": str(tmp_path)},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fast_dev_run" in result.stderr + result.stdout
 
 
 @pytest.mark.parametrize("name", ["pretrain", "natural"])
-def test_each_sweep_run_writes_into_its_own_folder(name: str, tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_sweep_run_writes_into_its_own_folder(
+    name: str, tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Agents run in parallel (one per GPU): the command roots every output at the run the agent started."""
     from rmr_lightning.cli import cli_main
 
@@ -71,5 +80,9 @@ def test_each_sweep_run_writes_into_its_own_folder(name: str, tiny_artifact: Pat
     root = Path("results/sweeps") / name / "sw1" / f"run-{name}"
     assert Path(cli.trainer.default_root_dir) == root
     assert Path(cli.trainer.logger.save_dir) == root
-    dirs = [Path(cb.dirpath).resolve() for cb in cli.trainer.callbacks if getattr(cb, "dirpath", None)]  # artifact (pretraining) and checkpoints
-    assert all(d == root.resolve() or root.resolve() in d.parents for d in dirs) and len(dirs) == (2 if name == "pretrain" else 1)
+    dirs = [
+        Path(cb.dirpath).resolve() for cb in cli.trainer.callbacks if getattr(cb, "dirpath", None)
+    ]  # artifact (pretraining) and checkpoints
+    assert all(d == root.resolve() or root.resolve() in d.parents for d in dirs) and len(dirs) == (
+        2 if name == "pretrain" else 1
+    )

@@ -62,19 +62,44 @@ def test_a_pickled_object_in_a_checkpoint_never_runs(tiny_artifact: Path, tmp_pa
     marker, args = tmp_path / "pwned", [*BRAIN, *tiny_natural(tiny_artifact), "--trainer.logger=false"]
     (tmp_path / "checkpoints").mkdir()
     torch.save({"state_dict": {}, "callbacks": {}, "note": Marker(marker)}, tmp_path / "checkpoints" / "last.ckpt")
-    for subcommand, ckpt in (("fit", "last"), ("predict", "best"), ("test", str(tmp_path / "checkpoints" / "last.ckpt"))):
-        with pytest.raises(CheckpointError, match=rf"{tmp_path / 'checkpoints' / 'last.ckpt'}: not a readable checkpoint"):
-            cli_main([subcommand, *args, f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--ckpt_path", ckpt])
+    for subcommand, ckpt in (
+        ("fit", "last"),
+        ("predict", "best"),
+        ("test", str(tmp_path / "checkpoints" / "last.ckpt")),
+    ):
+        with pytest.raises(
+            CheckpointError, match=rf"{tmp_path / 'checkpoints' / 'last.ckpt'}: not a readable checkpoint"
+        ):
+            cli_main(
+                [
+                    subcommand,
+                    *args,
+                    f"--trainer.default_root_dir={tmp_path}",
+                    "--trainer.max_steps=1",
+                    "--ckpt_path",
+                    ckpt,
+                ]
+            )
     assert not marker.exists()
 
 
-def test_a_cut_short_last_checkpoint_is_passed_over_for_the_newest_intact_one(tiny_artifact: Path, tmp_path: Path) -> None:
-    args = [*BRAIN, *tiny_natural(tiny_artifact), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.val_check_interval=2"]  # fmt: skip
+def test_a_cut_short_last_checkpoint_is_passed_over_for_the_newest_intact_one(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    args = [
+        *BRAIN,
+        *tiny_natural(tiny_artifact),
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.val_check_interval=2",
+    ]
     fit = cli_main(["fit", *args, "--trainer.max_steps=4"])
     best, last = Path(fit.trainer.checkpoint_callback.best_model_path), tmp_path / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a job killed while saving
-    with pytest.warns(UserWarning, match=rf"passing over damaged checkpoints \({last}: not a readable checkpoint.*resuming from {best}"):
+    with pytest.warns(
+        UserWarning,
+        match=rf"passing over damaged checkpoints \({last}: not a readable checkpoint.*resuming from {best}",
+    ):
         resumed = cli_main(["fit", *args, "--trainer.max_steps=6", "--ckpt_path", "last"])
     assert resumed.trainer.ckpt_path == str(best) and resumed.trainer.global_step == 6
     with pytest.raises(CheckpointError, match=rf"{tmp_path / 'cut.ckpt'}: not a readable checkpoint"):
@@ -82,12 +107,24 @@ def test_a_cut_short_last_checkpoint_is_passed_over_for_the_newest_intact_one(ti
         cli_main(["fit", *args, "--trainer.max_steps=8", "--ckpt_path", str(tmp_path / "cut.ckpt")])
 
 
-def test_a_non_finite_loss_stops_the_fit_naming_the_batch_before_any_checkpoint_holds_it(tiny_artifact: Path, tmp_path: Path) -> None:
-    callbacks = [{"class_path": "tests.test_untrusted.PoisonWeights"},
-                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                  "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "every_n_train_steps": 1}}]  # fmt: skip
-    args = [*BRAIN, *tiny_natural(tiny_artifact), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.max_steps=4", f"--trainer.callbacks={json.dumps(callbacks)}"]  # fmt: skip
+def test_a_non_finite_loss_stops_the_fit_naming_the_batch_before_any_checkpoint_holds_it(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    callbacks = [
+        {"class_path": "tests.test_untrusted.PoisonWeights"},
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "every_n_train_steps": 1},
+        },
+    ]
+    args = [
+        *BRAIN,
+        *tiny_natural(tiny_artifact),
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_steps=4",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+    ]
     with pytest.raises(NonFiniteError, match=r"train loss is nan at step 1 on the batch of subject\(s\) \S+"):
         cli_main(["fit", *args])
     written = sorted((tmp_path / "ckpt").glob("*.ckpt"))
@@ -98,12 +135,26 @@ def test_a_non_finite_loss_stops_the_fit_naming_the_batch_before_any_checkpoint_
 
 
 def test_pretraining_stopped_by_max_time_says_so_and_its_artifact_warns(tmp_path: Path) -> None:
-    artifacts = [{"class_path": "rmr_lightning.callbacks.PretrainingArtifacts", "init_args": {"dirpath": str(tmp_path)}}]
+    artifacts = [
+        {"class_path": "rmr_lightning.callbacks.PretrainingArtifacts", "init_args": {"dirpath": str(tmp_path)}}
+    ]
     with pytest.warns(UserWarning, match=r"pretraining ran \d+ of 100000 planned steps \(stopped by max_time\)"):
-        cli_main(["fit", "--config", "configs/pretrain/ndm.yaml", *TINY_PRETRAIN, "--trainer.logger=false",
-                  "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=100000",
-                  "--trainer.max_time={'seconds': 3}", "--trainer.val_check_interval=null", "--trainer.check_val_every_n_epoch=1",
-                  f"--trainer.callbacks={json.dumps(artifacts)}"])  # fmt: skip
+        cli_main(
+            [
+                "fit",
+                "--config",
+                "configs/pretrain/ndm.yaml",
+                *TINY_PRETRAIN,
+                "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={tmp_path}",
+                "--trainer.max_steps=100000",
+                "--trainer.max_time={'seconds': 3}",
+                "--trainer.val_check_interval=null",
+                "--trainer.check_val_every_n_epoch=1",
+                f"--trainer.callbacks={json.dumps(artifacts)}",
+            ]
+        )
     stats = json.loads((tmp_path / "fit_stats.json").read_text())
     assert stats["stopped_by"] == "max_time" and 0 < stats["completed_steps"] < stats["planned_steps"] == 100000
     with pytest.warns(UserWarning, match=r"of 100000 planned steps \(stopped by max_time\)"):
@@ -145,21 +196,37 @@ def _cohort(folder: Path, spoil_nan: bool) -> Path:
             if i == 3 and spoil_nan:
                 data[4, 4, 4] = np.nan
             paths = (write_nifti(subject / "t1.nii.gz", data), write_nifti(subject / "dk.nii.gz", slab_labels(GRID)))
-        rows.append({"subject_id": f"sub-{i:02d}", "image": str(paths[0].relative_to(folder)),
-                     "label_map": str(paths[1].relative_to(folder)), "age": 70 + i, "horizon": 1.0}
-                    | {n: float(rng.uniform(0, 0.2)) for n in names})  # fmt: skip
+        rows.append(
+            {
+                "subject_id": f"sub-{i:02d}",
+                "image": str(paths[0].relative_to(folder)),
+                "label_map": str(paths[1].relative_to(folder)),
+                "age": 70 + i,
+                "horizon": 1.0,
+            }
+            | {n: float(rng.uniform(0, 0.2)) for n in names}
+        )
     return write_manifest(folder / "manifest.csv", rows)
 
 
 def _manifest_args(manifest: Path, root: Path, artifact: Path, **data: str) -> list[str]:
-    loggers = [{"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"save_dir": str(root), "project": "rmr"}},
-               {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "csv"}}]  # fmt: skip
+    loggers = [
+        {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"save_dir": str(root), "project": "rmr"}},
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "csv"}},
+    ]
     return [
-        "--config", "configs/natural/manifest.yaml", *tiny_model(artifact), f"--data.init_args.manifest={manifest}",
-        "--data.init_args.spacing=4", "--data.init_args.shape=[6,6,4]", "--data.init_args.batch_size=2",
-        *[f"--data.init_args.{k}={v}" for k, v in data.items()], f"--trainer.default_root_dir={root}",
-        f"--trainer.logger={json.dumps(loggers)}", "--trainer.enable_progress_bar=false",
-    ]  # fmt: skip
+        "--config",
+        "configs/natural/manifest.yaml",
+        *tiny_model(artifact),
+        f"--data.init_args.manifest={manifest}",
+        "--data.init_args.spacing=4",
+        "--data.init_args.shape=[6,6,4]",
+        "--data.init_args.batch_size=2",
+        *[f"--data.init_args.{k}={v}" for k, v in data.items()],
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.logger={json.dumps(loggers)}",
+        "--trainer.enable_progress_bar=false",
+    ]
 
 
 def _files_holding(root: Path, text: str) -> list[str]:
@@ -172,18 +239,31 @@ def test_no_identifier_reaches_any_file_of_a_failed_or_a_successful_run(tiny_art
     manifest = _cohort(tmp_path / "bad", spoil_nan=True)
     failed = rmr(["fit", *_manifest_args(manifest, tmp_path / "failed_run", tiny_artifact, cache_dir=str(cache))])
     assert failed.returncode != 0 and "subject_id 'sub-03'" in failed.stderr and "NaN or infinite" in failed.stderr
-    assert str(tmp_path / "bad" / "scans" / f"{SENTINEL}_03" / "t1.nii.gz") in failed.stderr  # the console may show paths
+    assert (
+        str(tmp_path / "bad" / "scans" / f"{SENTINEL}_03" / "t1.nii.gz") in failed.stderr
+    )  # the console may show paths
     assert not (tmp_path / "failed_run").exists()
     # successful: the same cohort with the bad subject skipped, fitted, tested and predicted
     root = tmp_path / "run"
-    args = _manifest_args(manifest, root, tiny_artifact, cache_dir=str(cache), on_bad_subject="skip", val_fraction="0.3",
-                          test_fraction="0.3")  # fmt: skip
+    args = _manifest_args(
+        manifest,
+        root,
+        tiny_artifact,
+        cache_dir=str(cache),
+        on_bad_subject="skip",
+        val_fraction="0.3",
+        test_fraction="0.3",
+    )
     fit = rmr(["fit", *args, "--trainer.max_steps=3", "--trainer.val_check_interval=1"])
     assert fit.returncode == 0, fit.stderr[-3000:]
     predict = rmr(["predict", *args, "--ckpt_path", "best"])
     assert predict.returncode == 0, predict.stderr[-3000:]
     written = [p for p in root.rglob("*") if p.is_file()]
-    assert (root / BAD_SUBJECTS_FILE).is_file() and list(root.glob("wandb/offline-run-*")) and list(root.glob("csv/**/metrics.csv"))
+    assert (
+        (root / BAD_SUBJECTS_FILE).is_file()
+        and list(root.glob("wandb/offline-run-*"))
+        and list(root.glob("csv/**/metrics.csv"))
+    )
     assert list(root.glob("predictions/*.csv")) and len(written) > 10
     assert _files_holding(root, "sub-03") == [str(root / BAD_SUBJECTS_FILE)]  # the pseudonym is found, so is a name
     assert "sub-00" in next(root.glob("predictions/*.csv")).read_text()  # the DICOM subject went through

@@ -49,7 +49,7 @@ class GraphAlgorithm(ABC):
     def max_time(self) -> float | None:
         return None if self.time_param is None else self.ranges[self.time_param][1]
 
-    def with_ranges(self, **ranges: tuple[float, float]) -> "GraphAlgorithm":
+    def with_ranges(self, **ranges: tuple[float, float]) -> GraphAlgorithm:
         """A copy with some parameter ranges replaced (e.g. longer horizons for a test set)."""
         other = copy.copy(self)
         other.ranges = {**self.ranges, **{k: (float(a), float(b)) for k, (a, b) in ranges.items()}}

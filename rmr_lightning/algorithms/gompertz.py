@@ -48,7 +48,11 @@ def doubling_time(v0: Tensor, v1: Tensor, t: Tensor | float) -> Tensor:
 
     Shrinking or static lesions get ``inf`` (never double)."""
     ratio = torch.log(v1 / v0)
-    return torch.where(ratio > 0, torch.as_tensor(t, dtype=ratio.dtype) * math.log(2.0) / ratio.clamp_min(1e-12), torch.full_like(ratio, math.inf))
+    return torch.where(
+        ratio > 0,
+        torch.as_tensor(t, dtype=ratio.dtype) * math.log(2.0) / ratio.clamp_min(1e-12),
+        torch.full_like(ratio, math.inf),
+    )
 
 
 def doubling_time_days(v0: Tensor, v1: Tensor, t_years: Tensor | float) -> Tensor:
@@ -58,7 +62,9 @@ def doubling_time_days(v0: Tensor, v1: Tensor, t_years: Tensor | float) -> Tenso
     return torch.where(valid, days, torch.full_like(days, math.nan))
 
 
-def suspicious_growth(v0: Tensor, v1: Tensor, t_years: Tensor | float, threshold_days: float = SUSPICIOUS_VDT_DAYS) -> Tensor:
+def suspicious_growth(
+    v0: Tensor, v1: Tensor, t_years: Tensor | float, threshold_days: float = SUSPICIOUS_VDT_DAYS
+) -> Tensor:
     """Whether a nodule doubles faster than ``threshold_days`` (400 d: the usual cut for malignancy of
     solid lung nodules); False where no doubling time exists."""
     return doubling_time_days(v0, v1, t_years) < threshold_days
@@ -75,7 +81,9 @@ class GompertzGrowth(GraphAlgorithm):
 
     param_names = ("r", "t")
 
-    def __init__(self, r: tuple[float, float] = (0.2, 1.3), t: tuple[float, float] = (0.0, 2.0), rho: float = 0.3) -> None:
+    def __init__(
+        self, r: tuple[float, float] = (0.2, 1.3), t: tuple[float, float] = (0.0, 2.0), rho: float = 0.3
+    ) -> None:
         super().__init__(r=r, t=t)
         if rho < 0:
             raise ValueError(f"rho must be non-negative, got {rho}")

@@ -22,7 +22,7 @@ class GraphBatch:
 
 @dataclass
 class ScanBatch:
-    """A batch of subjects for ``FrozenProcessorFinetuning``.
+    """A batch of subjects for the natural model (``rmr_lightning.natural``).
 
     Region r of the label map (1..R, 0 background) is node r-1 of the connectome.
     """

@@ -7,8 +7,6 @@ group ``rmr_lightning.processors`` are imported first, so their class names reso
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import netrc
 import os
 import sys
@@ -26,6 +24,8 @@ from rmr_lightning.logging import WANDB_ID_KEY, RunIdentity, SaveAndLogConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "ndm.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+EVALUATING = ("validate", "test", "predict")
+RETIRED_MODEL = "rmr_lightning.finetuning.FrozenProcessorFinetuning"
 
 
 def wandb_logged_in() -> bool:
@@ -78,17 +78,23 @@ def _check_preprocessing(checkpoint: dict[str, Any], data: Namespace | None, ckp
         )
 
 
-def _checkpoint_model_class(class_path: str, config: Namespace, ckpt_path: str) -> type:
-    """The model class a checkpoint's hyperparameters name, imported only when it is the config's own
-    model or one of rmr_lightning's (a checkpoint from elsewhere must not choose code to import)."""
+def _check_model_class(class_path: str, config: Namespace, ckpt_path: str) -> None:
+    """A checkpoint's hyperparameters may only name this run's model class or one of rmr_lightning's: a
+    checkpoint from elsewhere must not choose code to import. Checkpoints of the model before its split
+    into ``NaturalModel`` and ``NaturalFinetuning`` are refused with what to do."""
+    if class_path == RETIRED_MODEL:
+        raise checkpoints.CheckpointError(
+            f"{ckpt_path} was written by {RETIRED_MODEL}, which is now rmr_lightning.finetuning.NaturalFinetuning "
+            "with its arguments grouped (head, readout, graph, loss, lr_factors) and its weights under model.*; "
+            "fit again with the current configs/natural/*.yaml"
+        )
     configured = str(getattr(config.get("model"), "class_path", ""))
     if class_path != configured and not class_path.startswith("rmr_lightning."):
         raise checkpoints.CheckpointError(
             f"{ckpt_path}: its hyperparameters name the model class {class_path!r}, which is neither this run's "
-            f"model ({configured or 'none given'}) nor one of rmr_lightning's; pass --model with that class if you trust it"
+            f"model ({configured or 'none given'}) nor one of rmr_lightning's; pass --model with that class if you "
+            "trust it"
         )
-    module_name, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module_name), name)
 
 
 ROOT_PLACEHOLDER = "{default_root_dir}"
@@ -118,6 +124,22 @@ def _fill_roots(trainer: Namespace) -> None:
     trainer.logger = _fill_root(trainer.logger, root)
 
 
+def _vet_checkpoint(subcommand: str, config: Namespace) -> None:
+    """What a checkpoint given as ``ckpt_path`` must pass before any of its hyperparameters are used."""
+    ckpt_path = config.get("ckpt_path")
+    if subcommand in EVALUATING and ckpt_path == "best":
+        _fill_roots(config.trainer)
+        ckpt_path = config.ckpt_path = str(checkpoints.best_checkpoint(config.trainer.callbacks))
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return
+    checkpoint = checkpoints.read_checkpoint(ckpt_path)
+    if subcommand in EVALUATING:
+        _check_preprocessing(checkpoint, config.get("data"), ckpt_path)
+    class_path = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    if class_path:
+        _check_model_class(class_path, config, ckpt_path)
+
+
 def setup_data(datamodule: Any, trainer: Any, stage: str) -> None:
     """Validate and prepare the data before the trainer starts any logger.
 
@@ -135,33 +157,15 @@ def setup_data(datamodule: Any, trainer: Any, stage: str) -> None:
 class RMRCLI(LightningCLI):
     """LightningCLI with the links that keep numbers from being typed twice, and W&B run resumption."""
 
-    def _parse_ckpt_path(self) -> None:
-        """As LightningCLI, but only with the checkpoint hyperparameters the model class accepts.
-
-        The links above target arguments that only one stage module has; LightningCLI records the
-        unused one in the checkpoint (as None) and would pass it back on ``test --ckpt_path``.
-        """
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse the run's arguments (``cli_main`` always passes them, so ``rmr-study``'s own command line is
+        never read), then vet the checkpoint ``ckpt_path`` names before LightningCLI reads its hyperparameters:
+        ``best`` becomes the monitored best file, preprocessing must match the fit's, and a model class is
+        only imported if it is the config's or one of rmr_lightning's."""
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if subcommand in ("validate", "test", "predict") and ckpt_path == "best":
-            config = self.config[subcommand]
-            _fill_roots(config.trainer)
-            ckpt_path = config.ckpt_path = str(checkpoints.best_checkpoint(config.trainer.callbacks))
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
-        checkpoint = checkpoints.read_checkpoint(ckpt_path)
-        if subcommand in ("validate", "test", "predict"):
-            _check_preprocessing(checkpoint, self.config[subcommand].get("data"), ckpt_path)
-        hparams = checkpoint.get("hyper_parameters", {})
-        hparams.pop("_instantiator", None)
-        class_path = hparams.pop("_class_path", None)
-        if not hparams or class_path is None:
-            return super()._parse_ckpt_path()
-        accepted = inspect.signature(_checkpoint_model_class(class_path, self.config[subcommand], ckpt_path)).parameters
-        kwargs = {k: v for k, v in hparams.items() if k in accepted}
-        self.config = self.parser.parse_object(
-            {subcommand: {"model": {"class_path": class_path, "dict_kwargs": kwargs}}}, self.config
-        )
+        if subcommand:
+            _vet_checkpoint(subcommand, self.config[subcommand])
 
     def before_instantiate_classes(self) -> None:
         """Expand environment variables in ``default_root_dir`` and fill ``{default_root_dir}`` in the callbacks
@@ -207,9 +211,12 @@ class RMRCLI(LightningCLI):
 
 
 def _with_default_config(args: list[str]) -> list[str]:
-    if args and args[0] in SUBCOMMANDS and not any(a == "--config" or a.startswith("--config=") for a in args):
-        if DEFAULT_CONFIG.is_file():
-            return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
+    """``rmr fit`` alone pretrains the default processor: a subcommand without ``--config`` gets
+    ``configs/pretrain/ndm.yaml`` (LightningCLI's ``default_config_files`` would also sit under every
+    ``--config`` a user gives, mixing the pretraining settings into theirs)."""
+    has_config = any(a == "--config" or a.startswith("--config=") for a in args)
+    if args and args[0] in SUBCOMMANDS and not has_config and DEFAULT_CONFIG.is_file():
+        return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
     return args
 
 
@@ -221,23 +228,15 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RMRCLI:
     for entry in available_processors().values():  # third-party processors become resolvable by name
         entry.load()
     argv = _with_default_config(list(sys.argv[1:] if args is None else args))
-    # LightningCLI reads sys.argv itself and warns when it also gets ``args`` (as in rmr-study, whose own
-    # command line is not the run's): hand it the run's arguments one way only.
-    saved_argv = sys.argv[:]
-    sys.argv[1:] = argv if args is None else []
-    try:
-        return RMRCLI(
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=SaveAndLogConfig,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [RunIdentity()]},
-            args=None if args is None else argv,
-            run=run,
-        )
-    finally:
-        if args is not None:
-            sys.argv[:] = saved_argv
+    return RMRCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=SaveAndLogConfig,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [RunIdentity()]},
+        args=argv,
+        run=run,
+    )
 
 
 def main() -> None:

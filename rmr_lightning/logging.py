@@ -8,6 +8,7 @@ batches, and nothing here logs them.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,8 @@ class SaveAndLogConfig(SaveConfigCallback):
 
 class RunIdentity(L.Callback):
     """Records on each run what identifies it: the processor artifact's sha256 and the variant (natural
-    runs), and keeps the W&B run id in checkpoints so ``--ckpt_path`` resumes the same W&B run."""
+    runs), and keeps the W&B run id in checkpoints so ``--ckpt_path`` resumes the same W&B run; a
+    checkpoint's hyperparameters keep only the arguments the module's class accepts."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         identity = {
@@ -81,6 +83,12 @@ class RunIdentity(L.Callback):
                 logger.log_hyperparams(identity)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Only the arguments the module's class accepts: the CLI's links target an argument that only one stage
+        # module has, and LightningCLI records it for the other as None, which --ckpt_path would pass back.
+        hparams = checkpoint.get("hyper_parameters") or {}
+        accepted = inspect.signature(type(pl_module).__init__).parameters
+        for key in [k for k in hparams if not k.startswith("_") and k not in accepted]:
+            del hparams[key]
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and trainer.is_global_zero:
                 checkpoint[WANDB_ID_KEY] = logger.version

@@ -19,13 +19,14 @@ def configure_optimizers(
     """The injected optimiser over trainable parameters only; cosine decay over the whole run
     (``trainer.estimated_stepping_batches``) unless a scheduler is injected.
 
-    ``lr_factors`` maps submodule or parameter names to a learning-rate factor (their own parameter group).
+    ``lr_factors`` maps submodule or parameter names (dotted, as ``model.log_gain``) to a learning-rate
+    factor (their own parameter group).
     """
     lr_factors = {name: factor for name, factor in (lr_factors or {}).items() if factor != 1.0}
     seen: set[int] = set()
     groups = []
     for name, factor in lr_factors.items():
-        part = getattr(module, name)
+        part = _part(module, name)
         params = [p for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters()) if p.requires_grad]
         seen.update(id(p) for p in params)
         if params:
@@ -43,3 +44,9 @@ def configure_optimizers(
     else:
         return opt
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _part(module: torch.nn.Module, name: str) -> torch.nn.Module | torch.nn.Parameter:
+    """The submodule or parameter at a dotted path."""
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, leaf)

@@ -71,7 +71,7 @@ class Study:
         output_dir: where runs, ``summary.csv``, ``summary.md`` and ``sample_efficiency.png`` go.
         task: name written in the ``task`` column.
         measure: what ``test_mae`` measures, for the table and the plot.
-        variants: variants of ``FrozenProcessorFinetuning`` to compare.
+        variants: variants of ``NaturalFinetuning`` to compare.
         train_sizes: training-set sizes (subjects).
         seeds: seeds; each picks the training subset, the initialisation and the data order.
         overrides: extra ``rmr`` arguments applied to every run (e.g. ``--trainer.max_steps=300``).

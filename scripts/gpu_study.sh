@@ -60,8 +60,8 @@ overrides:
   - --data.init_args.train_pool=${POOL:-64}
   - --data.init_args.num_workers=0
   - --trainer.max_steps=${STEPS:-400}
-  - --model.init_args.region_centring=${CENTRING:-true}
-  - --model.init_args.gain_lr_factor=${GAIN:-10}
+  - --model.init_args.head.region_centring=${CENTRING:-true}
+  - --model.init_args.lr_factors.gain=${GAIN:-10}
 $PRECISION
 YAML
   local start=$(date +%s)

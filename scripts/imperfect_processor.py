@@ -60,7 +60,7 @@ def compare(args: argparse.Namespace, phantoms: str, readout: str, artifacts: di
     overrides = [
         *PHANTOMS[phantoms],
         "--data.init_args.train_pool=64",
-        f"--model.init_args.readout={readout}",
+        f"--model.init_args.readout.kind={readout}",
         *args.overrides,
     ]
     folder = args.out / phantoms / ("" if readout == "calibrated" else readout)
@@ -126,7 +126,7 @@ def main() -> None:
         nargs="+",
         default=["calibrated"],
         choices=["calibrated", "linear", "residual"],
-        help="g' of every variant (FrozenProcessorFinetuning's readout): calibrated (default), linear, residual",
+        help="g' of every variant (NaturalFinetuning's readout): calibrated (default), linear, residual",
     )
     parser.add_argument(
         "--variants", nargs="+", default=["rmr"], help="variants run with every processor artifact (rmr, unfrozen)"
@@ -138,7 +138,7 @@ def main() -> None:
         action="extend",
         default=[],
         help="extra rmr arguments for every fine-tuning run; repeat it for several, e.g. "
-        "--overrides=--model.init_args.region_centring=false --overrides=--model.init_args.gain_lr_factor=1",
+        "--overrides=--model.init_args.head.region_centring=false --overrides=--model.init_args.lr_factors.gain=1",
     )
     parser.add_argument("--out", type=Path, default=Path("results/imperfect"))
     args = parser.parse_args()

@@ -16,7 +16,8 @@ import torch
 
 from datamodules.brain_phantom import BrainPhantomDataModule, simulate_disease
 from rmr_lightning.algorithms import FisherKPP, NetworkDiffusion
-from rmr_lightning.finetuning import FrozenProcessorFinetuning
+from rmr_lightning.artifact import load_processor_artifact
+from rmr_lightning.natural import NaturalModel
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     else:
         algorithm, cohort = NetworkDiffusion(), {"gamma": args.gamma}
     path = args.artifact or f"results/pretrain{'_fkpp' if args.algorithm == 'fkpp' else ''}/processor.pt"
-    model = FrozenProcessorFinetuning(processor_artifact=path, variant="rmr").eval()  # f, P, g as fine-tuning uses them
+    model = NaturalModel(load_processor_artifact(path), variant="rmr").eval()  # f, P, g as fine-tuning uses them
     if model.param_names != list(algorithm.param_names):
         raise SystemExit(
             f"{path} was pretrained with parameters {model.param_names}, not {list(algorithm.param_names)}"

@@ -16,7 +16,7 @@ import yaml
 from datamodules.brain_phantom import BrainPhantomDataModule
 from rmr_lightning.cli import cli_main
 from rmr_lightning.connectome import load_dk84
-from rmr_lightning.finetuning import FrozenProcessorFinetuning
+from rmr_lightning.finetuning import NaturalFinetuning
 from rmr_lightning.study import parse_study, run_study
 from tests.helpers import REPO, TINY_PRETRAIN, tiny_lesion, tiny_natural
 
@@ -121,11 +121,14 @@ def test_lesion_natural_config_fast_dev_run(tiny_lesion_artifact: Path, tmp_path
             f"--trainer.default_root_dir={tmp_path}",
         ]
     )
-    assert cli.trainer.global_step == 1 and cli.model.num_regions == 1 and cli.model.subject_params == ["r"]
+    assert cli.trainer.global_step == 1 and cli.model.model.num_regions == 1 and cli.model.model.subject_params == ["r"]
     # the checkpoint alone rebuilds the non-default encoder (tiny widths, histogram features) of the config
     cli.trainer.save_checkpoint(tmp_path / "model.ckpt")
-    loaded = FrozenProcessorFinetuning.load_from_checkpoint(tmp_path / "model.ckpt")
-    assert loaded.encoder.out_channels == 4 and loaded.encoder.histogram_bins == cli.model.encoder.histogram_bins > 0
+    loaded = NaturalFinetuning.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert (
+        loaded.model.encoder.out_channels == 4
+        and loaded.model.encoder.histogram_bins == cli.model.model.encoder.histogram_bins > 0
+    )
     for key, value in cli.model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
 
@@ -241,10 +244,10 @@ def test_fkpp_phantoms_with_an_fkpp_processor(tmp_path: Path, recwarn: pytest.Wa
         ]
     )
     assert type(cli.datamodule.algorithm).__name__ == "FisherKPP"
-    assert cli.model.param_names == ["gamma", "alpha", "t"]
-    assert cli.model.param_high[1].item() == pytest.approx(1.0) and cli.model.param_low[1].item() == pytest.approx(
-        0.3
-    )  # alpha's range
+    assert cli.model.model.param_names == ["gamma", "alpha", "t"]
+    assert cli.model.model.param_high[1].item() == pytest.approx(1.0) and cli.model.model.param_low[
+        1
+    ].item() == pytest.approx(0.3)  # alpha's range
     assert not [w for w in recwarn if "emulates another algorithm" in str(w.message)]
 
 

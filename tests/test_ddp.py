@@ -69,16 +69,14 @@ def test_pretraining_ddp_completes_and_rank_zero_writes_the_artifact(tmp_path: P
     assert curve[0] == "step,seconds,train_seconds,val_r2_delta" and len(curve) == 3  # one writer, two validations
 
 
-def _centring_rank(
-    rank: int, init_file: str, x: torch.Tensor, present: torch.Tensor, out_dir: str, first: int
-) -> None:
+def _centring_rank(rank: int, init_file: str, x: torch.Tensor, present: torch.Tensor, out_dir: str, first: int) -> None:
     """One of two processes: its share of the batch (rank 0 the first ``first`` subjects) through
     RegionCentring, outputs and gradients saved."""
     from datetime import timedelta
 
     import torch
 
-    from rmr_lightning.finetuning import RegionCentring
+    from rmr_lightning.centring import RegionCentring
 
     # a collective one rank skips would hang; fail within a minute instead
     torch.distributed.init_process_group(
@@ -106,7 +104,7 @@ def test_region_centring_uses_the_global_batch_across_processes(tmp_path: Path, 
     import torch
     import torch.multiprocessing as mp
 
-    from rmr_lightning.finetuning import RegionCentring
+    from rmr_lightning.centring import RegionCentring
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 4, 3, generator=gen) + torch.arange(6.0).view(6, 1, 1)  # halves differ in mean

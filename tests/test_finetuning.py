@@ -12,7 +12,9 @@ import torch
 from datamodules.brain_phantom import BrainPhantomDataModule
 from rmr_lightning.artifact import load_processor_artifact
 from rmr_lightning.encoders import RegionCNN, pool_regions, region_moments, soft_histogram
-from rmr_lightning.finetuning import POLICIES, FrozenProcessorFinetuning, RegionCentring, target_statistics
+from rmr_lightning.centring import RegionCentring
+from rmr_lightning.finetuning import NaturalFinetuning
+from rmr_lightning.natural import POLICIES, target_statistics
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +25,14 @@ def phantoms() -> BrainPhantomDataModule:
     return dm
 
 
-def _model(artifact: Path, variant: str, readout: str = "calibrated") -> FrozenProcessorFinetuning:
+def _model(artifact: Path, variant: str, readout: str = "calibrated") -> NaturalFinetuning:
     torch.manual_seed(0)
-    return FrozenProcessorFinetuning(
+    return NaturalFinetuning(
         processor_artifact=str(artifact),
         variant=variant,
         encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
-        head_hidden=8,
-        readout=readout,
+        head={"hidden": 8},
+        readout={"kind": readout},
     )
 
 
@@ -52,32 +54,32 @@ def test_frozen_processor_is_bit_identical_after_fit_and_in_eval_mode(
 ) -> None:
     model = _model(tiny_artifact, "rmr")
     reference = load_processor_artifact(tiny_artifact).processor.state_dict()
-    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    encoder_before = {k: v.clone() for k, v in model.model.encoder.state_dict().items()}
     _trainer(tmp_path).fit(model, datamodule=phantoms)
-    for key, value in model.processor.state_dict().items():
+    for key, value in model.model.processor.state_dict().items():
         assert torch.equal(value, reference[key]), key
-    assert not model.processor.training and all(not p.requires_grad for p in model.processor.parameters())
-    assert any(not torch.equal(v, encoder_before[k]) for k, v in model.encoder.state_dict().items())  # f' learned
+    assert not model.model.processor.training and all(not p.requires_grad for p in model.model.processor.parameters())
+    assert any(not torch.equal(v, encoder_before[k]) for k, v in model.model.encoder.state_dict().items())  # f' learned
     configured = model.configure_optimizers()
     optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert not optimised & {id(p) for p in model.processor.parameters()}
+    assert not optimised & {id(p) for p in model.model.processor.parameters()}
 
 
 @pytest.mark.parametrize("variant", sorted(POLICIES))
 def test_each_variant_trains_exactly_its_parts(tiny_artifact: Path, variant: str) -> None:
     model = _model(tiny_artifact, variant)
     policy = POLICIES[variant]
-    trains_p = any(p.requires_grad for p in model.processor.parameters())
+    trains_p = any(p.requires_grad for p in model.model.processor.parameters())
     assert trains_p == policy.trainable
     artifact = load_processor_artifact(tiny_artifact)
     same = all(
         torch.equal(v, artifact.processor.state_dict().get(k, torch.empty(0)))
-        for k, v in model.processor.state_dict().items()
+        for k, v in model.model.processor.state_dict().items()
     )
     assert same == policy.pretrained
-    assert type(model.processor).__name__ == ("MLPProcessor" if policy.graph_free else "MPNNProcessor")
-    assert all(p.requires_grad == policy.trainable for p in model.decoder.parameters())
+    assert type(model.model.processor).__name__ == ("MLPProcessor" if policy.graph_free else "MPNNProcessor")
+    assert all(p.requires_grad == policy.trainable for p in model.model.decoder.parameters())
 
 
 def test_training_statistics_are_measured_once_and_restored(tiny_artifact: Path, phantoms, tmp_path: Path) -> None:
@@ -85,10 +87,10 @@ def test_training_statistics_are_measured_once_and_restored(tiny_artifact: Path,
     trainer = _trainer(tmp_path, steps=1)
     trainer.fit(model, datamodule=phantoms)
     targets, covariates = phantoms.train_table()
-    assert bool(model.stats_ready)
-    assert torch.allclose(model.covariate_mean, covariates.mean(0))
+    assert bool(model.model.stats_ready)
+    assert torch.allclose(model.model.covariate_mean, covariates.mean(0))
     change = targets[..., 1] - targets[..., 0]
-    assert torch.allclose(model.target_mean[:, 2], torch.nanmean(change, 0).nan_to_num(0.0), atol=1e-6)
+    assert torch.allclose(model.model.target_mean[:, 2], torch.nanmean(change, 0).nan_to_num(0.0), atol=1e-6)
 
 
 def test_follow_up_only_targets_start_from_their_training_mean_in_their_own_units() -> None:
@@ -124,7 +126,7 @@ def test_residual_readout_starts_as_the_calibrated_one_and_then_learns_its_corre
     calibrated, residual = _model(tiny_artifact, "rmr").eval(), _model(tiny_artifact, "rmr", readout="residual").eval()
     assert torch.equal(calibrated(batch)["prediction"], residual(batch)["prediction"])
     _trainer(tmp_path, steps=2).fit(residual.train(), datamodule=phantoms)
-    assert residual.latent_decoder.weight.abs().sum() > 0
+    assert residual.model.latent_decoder.weight.abs().sum() > 0
 
 
 def test_horizon_beyond_pretraining_is_refused(tiny_artifact: Path, phantoms) -> None:
@@ -141,7 +143,7 @@ def test_horizon_beyond_pretraining_is_refused(tiny_artifact: Path, phantoms) ->
 
 def test_unknown_variant_lists_the_choices(tiny_artifact: Path) -> None:
     with pytest.raises(ValueError, match="baseline.*random_p.*rmr"):
-        FrozenProcessorFinetuning(processor_artifact=str(tiny_artifact), variant="magic")
+        NaturalFinetuning(processor_artifact=str(tiny_artifact), variant="magic")
 
 
 def test_pool_regions_equals_a_loop() -> None:
@@ -252,16 +254,15 @@ def test_a_poorly_pretrained_frozen_processor_is_warned_about(tiny_artifact: Pat
 
 def test_cohort_parameters_and_gains_get_their_own_learning_rates(tiny_artifact: Path) -> None:
     torch.manual_seed(0)
-    model = FrozenProcessorFinetuning(
+    model = NaturalFinetuning(
         processor_artifact=str(tiny_artifact),
         encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
-        cohort_lr_factor=10.0,
-        gain_lr_factor=30.0,
+        lr_factors={"cohort": 10.0, "gain": 30.0},
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
     )
     optimizer = model.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-    assert lrs[id(model.cohort_logits)] == pytest.approx(1e-2)
-    assert lrs[id(model.log_gain)] == pytest.approx(3e-2)
-    assert lrs[id(model.encoder.fuse.weight)] == pytest.approx(1e-3)
+    assert lrs[id(model.model.cohort_logits)] == pytest.approx(1e-2)
+    assert lrs[id(model.model.log_gain)] == pytest.approx(3e-2)
+    assert lrs[id(model.model.encoder.fuse.weight)] == pytest.approx(1e-3)

@@ -104,34 +104,38 @@ def test_lesion_finetuning_keeps_the_frozen_mlp_and_estimates_the_rate_per_subje
     import lightning as L
 
     from rmr_lightning.encoders import RegionCNN
-    from rmr_lightning.finetuning import FrozenProcessorFinetuning
+    from rmr_lightning.finetuning import NaturalFinetuning
 
     dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
-    model = FrozenProcessorFinetuning(
+    model = NaturalFinetuning(
         str(tiny_lesion_artifact),
-        connectome="isolated",
-        subject_params=["r"],
+        graph={"connectome": "isolated"},
         covariate_names=["horizon"],
         encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
-        region_centring=False,
-        state_init=0.3,
-        state_unit=4.18879,
+        head={"region_centring": False, "state_init": 0.3, "subject_params": ["r"]},
+        readout={"state_unit": 4.18879},
     )
-    before = {k: v.clone() for k, v in model.processor.state_dict().items()}
-    head = model.param_head[0].weight.clone()
+    before = {k: v.clone() for k, v in model.model.processor.state_dict().items()}
+    head = model.model.param_head[0].weight.clone()
     L.Trainer(
         max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
     ).fit(model, dm)
-    assert all(torch.equal(before[k], v) for k, v in model.processor.state_dict().items())
-    assert not torch.equal(head, model.param_head[0].weight)  # the rate head learns through the frozen P
+    assert all(torch.equal(before[k], v) for k, v in model.model.processor.state_dict().items())
+    assert not torch.equal(head, model.model.param_head[0].weight)  # the rate head learns through the frozen P
     b = next(iter(dm.val_dataloader()))
-    z, *_ = model.encode(b)
-    params = model.abstract_params(b.covariates, model.encoder(b.image, b.labels, 1)[0][:, 0]) * model.param_scale
-    low, high = model.param_low[0], model.param_high[0]
-    assert z.shape == (2, model.processor.hidden_dim) and torch.all((params[:, 0] > low) & (params[:, 0] < high))
+    z, *_ = model.model.encode(b)
+    params = (
+        model.model.abstract_params(b.covariates, model.model.encoder(b.image, b.labels, 1)[0][:, 0])
+        * model.model.param_scale
+    )
+    low, high = model.model.param_low[0], model.model.param_high[0]
+    assert z.shape == (2, model.model.processor.hidden_dim) and torch.all((params[:, 0] > low) & (params[:, 0] < high))
     with pytest.raises(ValueError, match="subject_params"):
-        FrozenProcessorFinetuning(
-            str(tiny_lesion_artifact), connectome="isolated", subject_params=["t"], covariate_names=["horizon"]
+        NaturalFinetuning(
+            str(tiny_lesion_artifact),
+            graph={"connectome": "isolated"},
+            head={"subject_params": ["t"]},
+            covariate_names=["horizon"],
         )
 
 
@@ -175,26 +179,24 @@ def test_calibrated_change_starts_from_p_alone_or_from_the_mean(
 ):
     """``change_from_mean=False``: at the start the predicted change is exactly P's change times the gain."""
     from rmr_lightning.encoders import RegionCNN
-    from rmr_lightning.finetuning import FrozenProcessorFinetuning
+    from rmr_lightning.finetuning import NaturalFinetuning
 
     dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
     dm.setup("fit")
-    model = FrozenProcessorFinetuning(
+    model = NaturalFinetuning(
         str(tiny_lesion_artifact),
-        connectome="isolated",
-        subject_params=["r"],
+        graph={"connectome": "isolated"},
         covariate_names=["horizon"],
         encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
-        region_centring=False,
-        state_unit=4.0,
-        change_from_mean=from_mean,
+        head={"region_centring": False, "subject_params": ["r"]},
+        readout={"state_unit": 4.0, "change_from_mean": from_mean},
     ).eval()
-    model.target_mean.fill_(5.0)
+    model.model.target_mean.fill_(5.0)
     b = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         out = model(b)
-        z, *_ = model.encode(b)
-        now, after = model.decoder(z).reshape(2, 1), model.decoder(model.process(z, 2)).reshape(2, 1)
+        z, *_ = model.model.encode(b)
+        now, after = model.model.decoder(z).reshape(2, 1), model.model.decoder(model.model.process(z, 2)).reshape(2, 1)
     change = out["prediction"][..., 1] - out["prediction"][..., 0]
     expected = 4.0 * (after - now) + (5.0 if from_mean else 0.0)
     assert torch.allclose(change, expected, atol=1e-5)
@@ -203,7 +205,7 @@ def test_calibrated_change_starts_from_p_alone_or_from_the_mean(
 def test_log_ratio_loss_adds_the_squared_error_of_log_growth(tiny_lesion_artifact: Path, tmp_path: Path):
     """``log_ratio_weight``: loss + w * mean (log(V1/V0)_pred - log(V1/V0)_true)^2 over positive targets."""
     from rmr_lightning.encoders import RegionCNN
-    from rmr_lightning.finetuning import FrozenProcessorFinetuning
+    from rmr_lightning.finetuning import NaturalFinetuning
 
     dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
     dm.setup("fit")
@@ -211,14 +213,13 @@ def test_log_ratio_loss_adds_the_squared_error_of_log_growth(tiny_lesion_artifac
     losses = []
     for weight in (0.0, 2.0):
         torch.manual_seed(0)
-        model = FrozenProcessorFinetuning(
+        model = NaturalFinetuning(
             str(tiny_lesion_artifact),
-            connectome="isolated",
-            subject_params=["r"],
+            graph={"connectome": "isolated"},
             covariate_names=["horizon"],
             encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
-            region_centring=False,
-            log_ratio_weight=weight,
+            head={"region_centring": False, "subject_params": ["r"]},
+            loss={"log_ratio_weight": weight},
         ).eval()
         with torch.no_grad():
             loss, out = model.model_step(b)
@@ -240,17 +241,16 @@ def _lesion_fit(
             trainer.should_stop = stop_after is not None and trainer.current_epoch + 1 >= stop_after
 
     from rmr_lightning.encoders import RegionCNN
-    from rmr_lightning.finetuning import FrozenProcessorFinetuning
+    from rmr_lightning.finetuning import NaturalFinetuning
 
     L.seed_everything(0)
     dm = LesionCTDataModule(**SMALL, cache_dir=str(cache))
-    model = FrozenProcessorFinetuning(
+    model = NaturalFinetuning(
         str(artifact),
-        connectome="isolated",
-        subject_params=["r"],
+        graph={"connectome": "isolated"},
         covariate_names=["horizon"],
         encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
-        region_centring=False,
+        head={"region_centring": False, "subject_params": ["r"]},
     )
     checkpoint = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, save_last=True)
     trainer = L.Trainer(
@@ -282,7 +282,9 @@ def test_queue_epochs_reproduce_after_a_resume(tiny_lesion_artifact: Path, tmp_p
     ref, res = reference.state_dict(), resumed.state_dict()
     assert all(torch.allclose(ref[k].float(), res[k].float(), atol=1e-6) for k in ref)
     other = _lesion_fit(tiny_lesion_artifact, tmp_path / "cache", tmp_path / "two", epochs=3, stop_after=2)
-    assert not torch.allclose(other.encoder.fuse.weight, reference.encoder.fuse.weight)  # the third epoch did train
+    assert not torch.allclose(
+        other.model.encoder.fuse.weight, reference.model.encoder.fuse.weight
+    )  # the third epoch did train
 
 
 def test_exported_nodule_files_give_the_phantom_patches_and_fine_tune_through_the_manifest(

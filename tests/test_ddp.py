@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import REPO, TINY_PRETRAIN, rmr, tiny_natural
 
@@ -69,9 +70,7 @@ def test_pretraining_ddp_completes_and_rank_zero_writes_the_artifact(tmp_path: P
     assert curve[0] == "step,seconds,train_seconds,val_r2_delta" and len(curve) == 3  # one writer, two validations
 
 
-def _centring_rank(
-    rank: int, init_file: str, x: torch.Tensor, present: torch.Tensor, out_dir: str, first: int
-) -> None:
+def _centring_rank(rank: int, init_file: str, x: torch.Tensor, present: torch.Tensor, out_dir: str, first: int) -> None:
     """One of two processes: its share of the batch (rank 0 the first ``first`` subjects) through
     RegionCentring, outputs and gradients saved."""
     from datetime import timedelta

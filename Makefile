@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 
-.PHONY: env lock demo test test-fast test-slow test-gpu bench-data pretrain pretrain-fkpp pretrain-lesion study-mri study-ct study-lesion bench clean
+.PHONY: env lock demo lint test test-fast test-slow test-gpu bench-data pretrain pretrain-fkpp pretrain-lesion study-mri study-ct study-lesion bench clean
 
 env: $(STAMP)
 
@@ -40,6 +40,10 @@ lock:
 demo: env
 	@test -f results/pretrain/processor.pt || $(MAKE) pretrain
 	$(BIN)/rmr-study --config configs/study/demo.yaml
+
+# Lint and format check (ruff, configured in pyproject.toml); CI runs it before the tests.
+lint: env
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 # The full suite as CI runs it (slow tests included: ~6 min on 2 cores); test-fast skips the slow ones.
 test: env

@@ -403,7 +403,8 @@ class BrainPhantomDataModule(L.LightningDataModule):
             cohort = torch.load(path, weights_only=True)
         else:
             rank_zero_info(
-                f"rendering {self.hparams.train_pool + self.hparams.num_val + self.hparams.num_test} phantom subjects -> {path}"
+                f"rendering {self.hparams.train_pool + self.hparams.num_val + self.hparams.num_test} "
+                f"phantom subjects -> {path}"
             )
             cohort = {**self._generate(anatomy), "affine": torch.as_tensor(anatomy.affine)}
             atomic_torch_save(cohort, path)
@@ -463,7 +464,7 @@ def _preprocess(cohort: dict[str, Tensor], transform: tio.Transform) -> dict[str
     run's ``setup`` (about 0.2 s per subject at 2 mm). -> image (B, 1, X, Y, Z), labels, affine."""
     affine = cohort["affine"].numpy()
     images, labels = [], []
-    for image, label_map in zip(cohort["image"], cohort["labels"]):
+    for image, label_map in zip(cohort["image"], cohort["labels"], strict=True):
         subject = transform(
             tio.Subject(
                 image=tio.ScalarImage(tensor=image.clone(), affine=affine),

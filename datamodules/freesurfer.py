@@ -101,7 +101,7 @@ def label_lookup(scheme: str, region_names: list[str]) -> Tensor | None:
     labels = freesurfer_labels(region_names)
     absent = set(scheme_absent(scheme, region_names))
     lookup = np.zeros(max(labels) + 1, dtype=np.int64)
-    for region, (name, label) in enumerate(zip(region_names, labels), start=1):
+    for region, (name, label) in enumerate(zip(region_names, labels, strict=True), start=1):
         if name not in absent:
             lookup[label] = region
     return torch.from_numpy(lookup)

@@ -40,7 +40,7 @@ def read_table(path: Path) -> tuple[dict[str, float], list[dict[str, str]]]:
             cells = line.split()
             if len(cells) < len(header):
                 raise StatsError(f"{path}:{number}: {len(cells)} cells for {len(header)} columns")
-            rows.append(dict(zip(header, cells)))
+            rows.append(dict(zip(header, cells, strict=False)))
     if header is None:
         raise StatsError(f"{path}: no '# ColHeaders' line; not a FreeSurfer stats file")
     return measures, rows
@@ -97,7 +97,8 @@ def write_aseg(path: Path, volumes: dict[str, float], voxels: dict[str, int], et
             if f"{stem}_{side}" in volumes:
                 index += 1
                 lines.append(
-                    f"{index:3d} {label:5d} {voxels[f'{stem}_{side}']:8d} {volumes[f'{stem}_{side}']:12.4f}  {hemi}-{names[0]}"
+                    f"{index:3d} {label:5d} {voxels[f'{stem}_{side}']:8d} "
+                    f"{volumes[f'{stem}_{side}']:12.4f}  {hemi}-{names[0]}"
                 )
     atomic_write_text(path, "\n".join(lines) + "\n")
 

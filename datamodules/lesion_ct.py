@@ -188,7 +188,7 @@ class _LesionSubjects(Dataset):
         centre = torch.nonzero(subject["sampling_map"].data[0]).float().mean(0).round().long()  # voxel
         start = (centre - self.patch // 2).tolist()
         shape = subject["image"].spatial_shape
-        crop = [v for s, n in zip(start, shape) for v in (s, n - s - self.patch)]
+        crop = [v for s, n in zip(start, shape, strict=True) for v in (s, n - s - self.patch)]
         if min(crop) < 0:
             raise ValueError(
                 f"subject {subject['subject_id']}: the {self.patch}-voxel patch at its nodule leaves the volume {shape}"
@@ -330,7 +330,7 @@ class LesionCTDataModule(L.LightningDataModule):
             part = simulate_lesions(count, rng, hp.type_probs, hp.diameter_mm, hp.horizon, hp.rho)
             volumes = [
                 render_lesion(int(k), float(d), hp.size, hp.spacing, hp.roi_mm, rng)
-                for k, d in zip(part["kind"], part["diameter"])
+                for k, d in zip(part["kind"], part["diameter"], strict=True)
             ]
             part["image"] = (
                 torch.stack([v[0] for v in volumes]).round().clamp(-32768, 32767).to(torch.int16).unsqueeze(1)
@@ -350,7 +350,8 @@ class LesionCTDataModule(L.LightningDataModule):
         path = self._cache_path()
         if not path.is_file():
             rank_zero_info(
-                f"rendering {self.hparams.train_pool + self.hparams.num_val + self.hparams.num_test} lesion CT subjects -> {path}"
+                f"rendering {self.hparams.train_pool + self.hparams.num_val + self.hparams.num_test} "
+                f"lesion CT subjects -> {path}"
             )
             atomic_torch_save(self._generate(), path)
 

@@ -185,7 +185,8 @@ def dicom_problems(path: Path, files: list[str]) -> list[str]:
         gaps = steps[steps > SLICE_GAP_FACTOR * typical] if typical > 0 else []
         if len(gaps):
             problems.append(
-                f"{len(gaps)} gap(s) of up to {float(max(gaps)):.2f} mm between slices spaced {typical:.2f} mm: a slice is missing"
+                f"{len(gaps)} gap(s) of up to {float(max(gaps)):.2f} mm between slices "
+                f"spaced {typical:.2f} mm: a slice is missing"
             )
     return problems
 

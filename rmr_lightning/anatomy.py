@@ -142,8 +142,8 @@ def _crop(volume: np.ndarray, start: np.ndarray, size: np.ndarray) -> np.ndarray
     out = np.zeros(tuple(size), volume.dtype)
     lo = np.maximum(start, 0)
     hi = np.minimum(start + size, volume.shape)
-    src = tuple(slice(a, b) for a, b in zip(lo, hi))
-    dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+    src = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
     out[dst] = volume[src]
     return out
 

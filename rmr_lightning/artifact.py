@@ -263,7 +263,8 @@ def _read(path: Path) -> dict[str, Any]:
     """The payload of a version-2 artifact, with every part present, or an ``ArtifactError`` naming the file."""
     if not path.is_file():
         raise ArtifactError(
-            f"{path}: no processor artifact here; run `make pretrain` or pass --model.init_args.processor_artifact=PATH "
+            f"{path}: no processor artifact here; run `make pretrain` "
+            "or pass --model.init_args.processor_artifact=PATH "
             "(in Python: load_from_checkpoint(..., processor_artifact=PATH))"
         )
     try:
@@ -300,7 +301,8 @@ def _verify(payload: dict[str, Any], path: Path) -> None:
     differ = [PART_NAMES[p] for p in PARTS if recorded.get(p) != actual[p]]
     if differ:
         raise ArtifactError(
-            f"{path}: corrupt or edited: the {', '.join(differ)} differ from the digests recorded in the file; re-run `make pretrain`"
+            f"{path}: corrupt or edited: the {', '.join(differ)} differ from the digests recorded in the file; "
+            "re-run `make pretrain`"
         )
     if payload["sha256"] != content_sha256(actual):
         raise ArtifactError(

@@ -69,7 +69,10 @@ class PretrainingArtifacts(L.Callback):
         """Append (step, wall seconds since fit start, seconds in training batches, val R^2) to ``val_curve.csv``."""
         r2 = trainer.callback_metrics.get("val/r2_delta")
         if trainer.is_global_zero and r2 is not None and not trainer.sanity_checking:
-            self._curve += f"{trainer.global_step},{time.perf_counter() - self._fit_start:.1f},{self._seconds:.1f},{float(r2):.6f}\n"
+            self._curve += (
+                f"{trainer.global_step},{time.perf_counter() - self._fit_start:.1f},"
+                f"{self._seconds:.1f},{float(r2):.6f}\n"
+            )
             atomic_write_text(self.dirpath / "val_curve.csv", self._curve)  # whole file each time: never half a row
 
     @property

@@ -95,7 +95,8 @@ def best_checkpoint(callbacks: list[Any] | None) -> Path:
     found = newest_intact(dirs)
     if found is None:
         raise CheckpointError(
-            f"--ckpt_path best: no checkpoint in the checkpoint folders {[str(d) for d in dirs] or '(none configured)'} "
+            f"--ckpt_path best: no checkpoint in the checkpoint folders "
+            f"{[str(d) for d in dirs] or '(none configured)'} "
             "to read the best checkpoint from; fit first (with save_last), or pass the checkpoint file"
         )
     last, checkpoint = found

@@ -29,11 +29,13 @@ def _rows(outputs: list[dict[str, Any]], regions: list[str], covariate_names: li
     for out in outputs:
         for i, subject in enumerate(out["subject_ids"]):
             row: dict[str, Any] = {"subject_id": subject}
-            row.update({name: float(v) for name, v in zip(covariate_names, out["covariates"][i].tolist())})
+            row.update({name: float(v) for name, v in zip(covariate_names, out["covariates"][i].tolist(), strict=True)})
             for kind in ("followup", "baseline", "state"):
-                row.update({f"{name}_{kind}": float(v) for name, v in zip(regions, out[kind][i].tolist())})
+                row.update({f"{name}_{kind}": float(v) for name, v in zip(regions, out[kind][i].tolist(), strict=True)})
             # regions the label map lacks: predicted from P and the training mean, with nothing read from the scan
-            row["absent_regions"] = ";".join(name for name, n in zip(regions, out["voxels"][i].tolist()) if n == 0)
+            row["absent_regions"] = ";".join(
+                name for name, n in zip(regions, out["voxels"][i].tolist(), strict=True) if n == 0
+            )
             rows.append(row)
     return rows
 
@@ -149,7 +151,7 @@ class GrowthPredictionWriter(RegionalPredictionWriter):
         horizon = float(row[time])
         regions = pl_module.region_names
         fig, axes = plt.subplots(1, len(regions), figsize=(4.5 * len(regions), 4), squeeze=False)
-        for ax, r in zip(axes[0], regions):
+        for ax, r in zip(axes[0], regions, strict=True):
             v0, v1, vdt = row[f"{r}_baseline"], row[f"{r}_followup"], row[f"{r}_vdt_days"]
             days = horizon * DAYS_PER_YEAR
             t = [k * horizon / 50 for k in range(51)]

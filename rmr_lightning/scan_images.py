@@ -35,7 +35,7 @@ def slice_panel(image: Tensor, labels: Tensor) -> np.ndarray:
     ]
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.6))
     low, high = np.percentile(image.numpy(), [1, 99])
-    for ax, (img, lab) in zip(axes, views):
+    for ax, (img, lab) in zip(axes, views, strict=True):
         ax.imshow(img.numpy().T, cmap="gray", origin="lower", vmin=low, vmax=high)
         if (lab > 0).any():
             ax.contour(lab.numpy().T > 0, levels=[0.5], colors="tab:orange", linewidths=0.6)

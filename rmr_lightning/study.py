@@ -257,7 +257,10 @@ def summarise(frame: pd.DataFrame, measure: str = Study.measure) -> str:
         + "\n"
     )
     if readout:  # phantoms only: scans of real subjects have no hidden true state
-        text += f"\nCorrelation of the state decoded by the pretrained g from f'(x) with the hidden true state (mean over runs): {readout}\n"
+        text += (
+            "\nCorrelation of the state decoded by the pretrained g from f'(x) with the hidden true state "
+            f"(mean over runs): {readout}\n"
+        )
     return text
 
 
@@ -378,7 +381,8 @@ def read_summary(csv: Path) -> pd.DataFrame:
     missing = [c for c in ("task", "variant", "n_train", "seed") if c not in frame.columns]
     if missing:
         raise ValueError(
-            f"{csv} lacks the column(s) {missing} of a study summary (columns: {list(frame.columns)}); repair or move it away"
+            f"{csv} lacks the column(s) {missing} of a study summary (columns: {list(frame.columns)}); "
+            "repair or move it away"
         )
     return frame
 
@@ -416,7 +420,8 @@ def run_study(study: Study) -> pd.DataFrame:
     if len(mine) < len(done):  # another task's rows (a reused output_dir): kept in the file, not resumed or summarised
         others = ", ".join(sorted(set(done["task"].astype(str)) - {study.task}))
         console.print(
-            f"[yellow]{csv} also holds {len(done) - len(mine)} runs of task(s) {others}: only task {study.task} is resumed and summarised[/]"
+            f"[yellow]{csv} also holds {len(done) - len(mine)} runs of task(s) {others}: "
+            f"only task {study.task} is resumed and summarised[/]"
         )
     console.print(f"[bold]rmr-study[/]: {len(todo)} runs to go ({len(finished)} of task {study.task} already in {csv})")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):

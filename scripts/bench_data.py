@@ -74,7 +74,8 @@ def write_cohort(folder: Path, subjects: int, spacing: int) -> Path:
         values[len(names) :] += 0.02
         cells = ",".join(str(v) for v in values)
         lines.append(
-            f"sub-{i:05d},n{subjects}/sub-{i:05d}_t1.nii.gz,n{subjects}/sub-{i:05d}_dk84.nii.gz,{70 + i % 10},1.5,{cells}"
+            f"sub-{i:05d},n{subjects}/sub-{i:05d}_t1.nii.gz,"
+            f"n{subjects}/sub-{i:05d}_dk84.nii.gz,{70 + i % 10},1.5,{cells}"
         )
     manifest = folder / f"manifest_{subjects}.csv"
     atomic_write_text(manifest, "\n".join(lines) + "\n")
@@ -181,7 +182,9 @@ def cached_over_resident(args: argparse.Namespace, manifest: Path, root: Path, w
         cli.trainer.callbacks.append(clock)
         if mode == "resident":
             resident = _Repeat(list(dm.train_dataloader())[: args.steps])
-            dm.train_dataloader = lambda: resident  # the same datamodule (its training table sets the scales)
+            dm.train_dataloader = lambda resident=resident: (
+                resident
+            )  # the same datamodule (its training table sets the scales)
         cli.trainer.fit(cli.model, datamodule=dm)
         rates[mode] = clock.rate
     cached = (rates["cached"] + rates["cached_again"]) / 2  # before and after: drift of the machine cancels

@@ -59,7 +59,7 @@ def main() -> None:
                 times[logger].append(one_epoch(logger, opts.num_train, Path(tmp) / f"{logger}{k}"))
                 print(f"{logger:6s} epoch: {times[logger][-1]:.1f} s", flush=True)
     ratio = statistics.mean(times["wandb"]) / statistics.mean(times["none"])
-    pair_ratios = [w / n for w, n in zip(times["wandb"], times["none"])]
+    pair_ratios = [w / n for w, n in zip(times["wandb"], times["none"], strict=True)]
     report = {
         "seconds": times,
         "num_train": opts.num_train,

@@ -52,7 +52,7 @@ def train_rate(subjects: int, steps: int) -> float:
     )
     dm, model = cli.datamodule, cli.model
     dm.setup("fit")
-    batches = [b for b, _ in zip(dm.train_dataloader(), range(4))]
+    batches = [b for b, _ in zip(dm.train_dataloader(), range(4), strict=False)]
     model.trainer = None
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3)

@@ -174,9 +174,13 @@ def provenance(inputs: Inputs, counts: dict[str, int], atlas_sha: str) -> str:
     ranked = sorted(present.items(), key=lambda kv: (kv[1], kv[0]))
     rows = "\n".join(f"| {i + 1} | {n} | {c} |" for i, (n, c) in enumerate(counts.items()))
     hashes = "\n".join(
-        f"| `{p.relative_to(inputs.nilearn_dir) if inputs.nilearn_dir in p.parents else p.relative_to(REPO)}` | `{sha256(p)}` |"
+        f"| `{p.relative_to(inputs.nilearn_dir) if inputs.nilearn_dir in p.parents else p.relative_to(REPO)}` "
+        f"| `{sha256(p)}` |"
         for p in inputs.all_files()
     )
+    median = int(np.median(list(present.values())))
+    smallest = ", ".join(f"{n} {c}" for n, c in ranked[:3])
+    largest = ", ".join(f"{n} {c}" for n, c in ranked[-3:])
     return f"""# DK84 volumetric atlas in MNI152 space (`{ATLAS_NAME}`)
 
 ## What
@@ -214,8 +218,8 @@ Output sha256 (`{ATLAS_NAME}`, gzip level 9, mtime 0): `{atlas_sha}`.
 
 ## Result
 {len(present)} regions present, {len(absent)} absent. Voxel counts of present regions: {ranked[0][1]} to
-{ranked[-1][1]} (median {int(np.median(list(present.values())))}). Smallest: {", ".join(f"{n} {c}" for n, c in ranked[:3])}.
-Largest: {", ".join(f"{n} {c}" for n, c in ranked[-3:])}. Labelled voxels in total: {sum(present.values())}.
+{ranked[-1][1]} (median {median}). Smallest: {smallest}.
+Largest: {largest}. Labelled voxels in total: {sum(present.values())}.
 
 Absent (no voxels): {", ".join(absent)}.
 

@@ -158,7 +158,10 @@ def main() -> None:
     table = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(args.out / "summary.csv", table)
-    text = f"Test MAE of the change, mean over seeds {args.seeds}; ratios to baseline / scratch on the same cohort and seeds.\n\n"
+    text = (
+        f"Test MAE of the change, mean over seeds {args.seeds}; "
+        "ratios to baseline / scratch on the same cohort and seeds.\n\n"
+    )
     cells = table.astype(object).where(table.notna(), "")
     text += "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
     text += "\n".join(

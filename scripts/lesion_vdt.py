@@ -68,7 +68,8 @@ def main() -> None:
         for r in table.itertuples()
     ]
     text = (
-        f"Flag of suspicious growth (VDT < {SUSPICIOUS_VDT_DAYS:.0f} d) from the predicted volumes, test set, mean over seeds; "
+        f"Flag of suspicious growth (VDT < {SUSPICIOUS_VDT_DAYS:.0f} d) from the predicted volumes, "
+        "test set, mean over seeds; "
         f"{frame['suspicious_share'].iloc[0]:.0%} of the test nodules are suspicious.\n\n" + "\n".join(lines) + "\n"
     )
     atomic_write_text(out / "vdt_flag.md", text)

@@ -34,7 +34,7 @@ def test_network_diffusion_matches_independent_expm_on_dk84(dk84: torch.Tensor) 
     t = torch.linspace(0.5, 8.0, 6, dtype=torch.float64)
     got = network_diffusion(dk84, x0, gamma, t)
     hmat = random_walk_laplacian(dk84).numpy()
-    ref = np.stack([scipy.linalg.expm(-float(g * s) * hmat) @ x.numpy() for g, s, x in zip(gamma, t, x0)])
+    ref = np.stack([scipy.linalg.expm(-float(g * s) * hmat) @ x.numpy() for g, s, x in zip(gamma, t, x0, strict=True)])
     rel = np.abs(got.numpy() - ref).max() / np.abs(ref).max()
     assert rel < 1e-6, rel
 

@@ -75,7 +75,8 @@ def test_pretrain_config_fast_dev_run_writes_the_artifact(
             *TINY_PRETRAIN,
             "--trainer.fast_dev_run=true",
             "--trainer.logger=false",
-            f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', 'init_args': {{'dirpath': '{tmp_path}'}}}}]",
+            "--trainer.callbacks=[{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', "
+            f"'init_args': {{'dirpath': '{tmp_path}'}}}}]",
         ]
     )
     assert cli.trainer.global_step == 1
@@ -97,7 +98,8 @@ def test_lesion_pretrain_config_trains_a_deep_mlp_on_gompertz(tmp_path: Path) ->
             "--model.init_args.hidden_dim=16",
             "--trainer.fast_dev_run=true",
             "--trainer.logger=false",
-            f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', 'init_args': {{'dirpath': '{tmp_path}'}}}}]",
+            "--trainer.callbacks=[{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', "
+            f"'init_args': {{'dirpath': '{tmp_path}'}}}}]",
         ]
     )
     assert cli.trainer.global_step == 1
@@ -230,7 +232,8 @@ def test_fkpp_phantoms_with_an_fkpp_processor(tmp_path: Path, recwarn: pytest.Wa
             *TINY_PRETRAIN,
             "--trainer.fast_dev_run=true",
             "--trainer.logger=false",
-            f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', 'init_args': {{'dirpath': '{tmp_path}'}}}}]",
+            "--trainer.callbacks=[{'class_path': 'rmr_lightning.callbacks.PretrainingArtifacts', "
+            f"'init_args': {{'dirpath': '{tmp_path}'}}}}]",
         ]
     )
     natural = ["--config", "configs/natural/brain_mri.yaml", "--config", "configs/natural/fkpp.yaml"]
@@ -302,7 +305,7 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "age": age,
             "horizon": horizon,
         }
-        row.update({n: ("" if torch.isnan(v) else float(v)) for n, v in zip(names, followup)})
+        row.update({n: ("" if torch.isnan(v) else float(v)) for n, v in zip(names, followup, strict=True)})
         rows.append(row)
     path = folder / "manifest.csv"
     with path.open("w", newline="") as f:
@@ -325,7 +328,8 @@ def test_manifest_config_fits_and_predicts_with_a_readout(manifest: Path, tiny_a
         "--model.init_args.encoder.init_args.out_channels=4",
         "--trainer.logger=false",
         f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.callbacks=[{{'class_path': 'rmr_lightning.prediction.RegionalPredictionWriter', 'init_args': {{'output_dir': '{tmp_path / 'pred'}', 'max_figures': 2}}}}]",
+        "--trainer.callbacks=[{'class_path': 'rmr_lightning.prediction.RegionalPredictionWriter', "
+        f"'init_args': {{'output_dir': '{tmp_path / 'pred'}', 'max_figures': 2}}}}]",
     ]
     cli = _fit([*common, "--trainer.max_steps=2", "--trainer.val_check_interval=1"])
     cli.trainer.predict(cli.model, datamodule=cli.datamodule)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import REPO, TINY_PRETRAIN, rmr, tiny_natural
 

@@ -188,7 +188,7 @@ def test_targets_follow_the_csv_and_nan_where_unknown(cohort, with_baseline):
     assert sorted(dm.splits["predict"]) == [r["subject_id"] for r in rows]
     seen = {}
     for batch in dm.predict_dataloader():
-        seen |= dict(zip(batch.subject_ids, batch.target))
+        seen |= dict(zip(batch.subject_ids, batch.target, strict=True))
     for row in rows:
         target = seen[row["subject_id"]]  # (R, 2)
         expected = [math.nan if row[r] == "" else row[r] for r in REGIONS]
@@ -302,7 +302,7 @@ def test_scans_are_preprocessed_once_across_runs_and_again_when_a_file_changes(c
         dm = ManifestDataModule(manifest, **settings)
         dm.setup("fit")
         batches = list(dm.train_dataloader())
-        epochs.append({sid: img for b in batches for sid, img in zip(b.subject_ids, b.image)})
+        epochs.append({sid: img for b in batches for sid, img in zip(b.subject_ids, b.image, strict=True)})
     assert len(builds) == 6
     assert epochs[0].keys() == epochs[1].keys() and all(torch.equal(epochs[0][k], epochs[1][k]) for k in epochs[0])
     synthetic_row(folder, 3)  # rewrites sub-03's files (new modification time): never served stale

@@ -48,7 +48,7 @@ def test_reset_parameters_and_repr(cls: type[Processor]) -> None:
     proc = cls(hidden_dim=8, num_layers=1)
     before = [p.clone() for p in proc.parameters()]
     proc.reset_parameters()
-    assert any(not torch.equal(a, b) for a, b in zip(before, proc.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, proc.parameters(), strict=True))
     text = repr(proc)
     assert text.startswith(cls.__name__ + "(") and "hidden_dim=8" in text and "\n" not in text
 

@@ -181,7 +181,7 @@ def test_a_dicom_series_with_a_damaged_slice_is_refused(tmp_path):
 
 def test_freesurfer_labels_of_dk84_follow_the_color_lut():
     names = dk84_region_names()
-    labels = dict(zip(names, freesurfer_labels(names)))
+    labels = dict(zip(names, freesurfer_labels(names), strict=True))
     assert labels["Bankssts_L"] == 1001 and labels["Cuneus_L"] == 1005 and labels["Insula_R"] == 2035
     assert labels["Hippocampus_L"] == 17 and labels["Hippocampus_R"] == 53 and labels["Accumbens_area_R"] == 58
     assert labels["Thalamus_Proper_L"] == 10 and labels["Cerebellum_Cortex_R"] == 47

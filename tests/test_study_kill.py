@@ -70,7 +70,7 @@ def test_study_killed_at_random_moments_resumes_to_every_run_once(tiny_artifact:
     kills, progress, finished_at = [], [], {}  # delay of each kill; rows when it came; each finished run as first seen
     for attempt in range(3 * MIN_KILLS):
         done = _whole_summary(csv, runs) if csv.exists() else pd.DataFrame(columns=COLUMNS)
-        for key, row in zip(_keys(done), done.itertuples()):
+        for key, row in zip(_keys(done), done.itertuples(), strict=True):
             finished_at.setdefault(key, (row.seconds, row.checkpoint, Path(row.checkpoint).stat().st_mtime_ns))
         if len(kills) >= MIN_KILLS:
             break
@@ -99,7 +99,7 @@ def test_study_killed_at_random_moments_resumes_to_every_run_once(tiny_artifact:
         if "runs to go" in text:  # it read the whole summary.csv that the last attempt left
             assert f"rmr-study: {remaining} runs to go" in text, text[:2000]
         first_rows += row_times[:1]
-        per_runs += [b - a for a, b in zip(row_times, row_times[1:])]
+        per_runs += [b - a for a, b in zip(row_times, row_times[1:], strict=False)]
     assert len(kills) >= MIN_KILLS, f"the study finished after {len(kills)} kills: give it more runs"
     killed_s = time.perf_counter() - start
 
@@ -136,7 +136,8 @@ def test_study_killed_at_random_moments_resumes_to_every_run_once(tiny_artifact:
     assert all((out / name).stat().st_size > 0 for name in SUMMARY_FILES)
     print(
         f"\n{len(kills)} kills after {', '.join(f'{d:.1f}' for d in kills)} s, rows then {progress}; "
-        f"{len(finished_at)} of {runs} runs finished before the last kill; kill phase {killed_s:.0f} s, total {time.perf_counter() - start:.0f} s"
+        f"{len(finished_at)} of {runs} runs finished before the last kill; "
+        f"kill phase {killed_s:.0f} s, total {time.perf_counter() - start:.0f} s"
     )
 
 

@@ -31,10 +31,12 @@ __all__ = [
     "NetworkDiffusion",
     "SUSPICIOUS_VDT_DAYS",
     "doubling_time",
+    "doubling_time_days",
     "fisher_kpp",
     "gompertz_volume",
     "growth_rate",
     "network_diffusion",
     "random_walk_laplacian",
     "row_normalised",
+    "suspicious_growth",
 ]

@@ -301,7 +301,9 @@ def label_map_volumes(path: Path, scheme: str, names: list[str]) -> dict[str, fl
     voxel = float(np.prod(image.header.get_zooms()[:3]))
     counts = np.bincount(labels[labels >= 0], minlength=2036)
     absent = set(scheme_absent(scheme, names))
-    return {n: counts[label] * voxel for n, label in zip(names, freesurfer_labels(names)) if n not in absent}
+    return {
+        n: counts[label] * voxel for n, label in zip(names, freesurfer_labels(names), strict=True) if n not in absent
+    }
 
 
 def session_etiv(s: Session) -> float | None:
@@ -461,8 +463,8 @@ def add_measures(rows: list[dict], names: list[str]) -> pd.DataFrame:
     table = []
     for r in rows:
         reference = np.where(np.isfinite(r["_reference"]), r["_reference"], cohort[r["volume_source"]])
-        measures = dict(zip([f"base_{n}" for n in names], atrophy_measure(r["_base"], reference)))
-        measures |= dict(zip(names, atrophy_measure(r["_follow"], reference)))
+        measures = dict(zip([f"base_{n}" for n in names], atrophy_measure(r["_base"], reference), strict=True))
+        measures |= dict(zip(names, atrophy_measure(r["_follow"], reference), strict=True))
         table.append({k: v for k, v in r.items() if not k.startswith("_")} | measures)
     return pd.DataFrame(table, columns=columns)
 

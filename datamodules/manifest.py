@@ -135,7 +135,7 @@ def _read_csv(manifest: Path) -> pd.DataFrame:
     ]
     problems += [
         f"line {line}: {len(r)} cells, the header has {len(header)}"
-        for line, r in zip(lines[1:], body)
+        for line, r in zip(lines[1:], body, strict=False)
         if len(r) != len(header)
     ]
     if problems:
@@ -292,9 +292,9 @@ def _check_files(check: _RowCheck, paths: dict[str, Path | None]) -> tuple[str, 
             if header is not None:
                 headers[column] = header
     image, labels = headers.get("image"), headers.get("label_map")
-    if not issues and image is not None and labels is not None and image.shape != (0, 0, 0) != labels.shape:
-        if (what := same_space(image, labels)) is not None:
-            issues.append(("label_map", paths["label_map"], what))
+    comparable = not issues and image is not None and labels is not None and image.shape != (0, 0, 0) != labels.shape
+    if comparable and (what := same_space(image, labels)) is not None:
+        issues.append(("label_map", paths["label_map"], what))
     return "\n".join(h.fingerprint for h in headers.values()), issues
 
 
@@ -570,7 +570,7 @@ class ManifestDataModule(L.LightningDataModule):
         )
         usable = [c for c in checks if c.row is not None]
         found = self.cache.ensure([c.row.source for c in usable], self.hparams.num_workers, show_progress)
-        for check, scan_problems in zip(usable, found):
+        for check, scan_problems in zip(usable, found, strict=True):
             if scan_problems:
                 files = {"image": check.row.image, "label_map": check.row.label_map}
                 check.issues += [(column, files.get(column), what) for column, what in scan_problems]

@@ -143,9 +143,9 @@ def write_freesurfer(
 ) -> None:
     """``mri/aparc+aseg.mgz`` and ``stats/{aseg,lh.aparc,rh.aparc}.stats`` of one session."""
     write_volume(folder / "mri" / "aparc+aseg.mgz", fs_labels, affine, mgh=True)
-    present = {n: float(v) for n, v in zip(names, volumes) if np.isfinite(v)}
+    present = {n: float(v) for n, v in zip(names, volumes, strict=True) if np.isfinite(v)}
     voxels = np.bincount(fs_labels.ravel(), minlength=2036)
-    counts = {n: int(voxels[label]) for n, label in zip(names, freesurfer_labels(names))}
+    counts = {n: int(voxels[label]) for n, label in zip(names, freesurfer_labels(names), strict=True)}
     write_aseg(folder / "stats" / "aseg.stats", present, counts, etiv, folder.name)  # its subcortical regions only
     for hemi in ("lh", "rh"):
         write_aparc(folder / "stats" / f"{hemi}.aparc.stats", hemi, present, counts, folder.name)
@@ -184,7 +184,9 @@ def write_subject(out: Path, i: int, cohort: dict, anatomy: Anatomy, modality: s
     row = dict(
         zip(COLUMNS, [subject, image, label_map, "aparc+aseg", age, horizon, *SESSIONS, "simulated"], strict=True)
     )
-    return row | dict(zip([f"base_{n}" for n in names], truth[0])) | dict(zip(names, truth[1]))
+    return (
+        row | dict(zip([f"base_{n}" for n in names], truth[0], strict=True)) | dict(zip(names, truth[1], strict=True))
+    )
 
 
 def write_dataset(

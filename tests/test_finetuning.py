@@ -11,8 +11,8 @@ import torch
 
 from datamodules.brain_phantom import BrainPhantomDataModule
 from rmr_lightning.artifact import load_processor_artifact
-from rmr_lightning.encoders import RegionCNN, pool_regions, region_moments, soft_histogram
 from rmr_lightning.centring import RegionCentring
+from rmr_lightning.encoders import RegionCNN, pool_regions, region_moments, soft_histogram
 from rmr_lightning.finetuning import NaturalFinetuning
 from rmr_lightning.natural import POLICIES, target_statistics
 

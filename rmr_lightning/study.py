@@ -407,15 +407,11 @@ def _clear_leftovers(study: Study, todo: list[tuple[str, int, int]], done: pd.Da
         shutil.rmtree(folder)
 
 
-def run_study(study: Study) -> pd.DataFrame:
-    out = Path(study.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    csv = out / "summary.csv"
-    done = read_summary(csv)
+def _runs_to_do(study: Study, csv: Path, done: pd.DataFrame, console: Console) -> list[tuple[str, int, int]]:
+    """The study's runs not yet in ``summary.csv``; leftovers of killed runs are cleared first."""
     mine = _task_rows(done, study.task)
     finished = {(r.variant, int(r.n_train), int(r.seed)) for r in mine.itertuples()}
     todo = [r for r in study.runs() if r not in finished]
-    console = Console()
     _clear_leftovers(study, todo, done, console)
     if len(mine) < len(done):  # another task's rows (a reused output_dir): kept in the file, not resumed or summarised
         others = ", ".join(sorted(set(done["task"].astype(str)) - {study.task}))
@@ -424,16 +420,15 @@ def run_study(study: Study) -> pd.DataFrame:
             f"only task {study.task} is resumed and summarised[/]"
         )
     console.print(f"[bold]rmr-study[/]: {len(todo)} runs to go ({len(finished)} of task {study.task} already in {csv})")
+    return todo
+
+
+def _execute(study: Study, todo: list[tuple[str, int, int]], csv: Path, done: pd.DataFrame, console: Console) -> None:
+    """Run ``todo`` (``workers`` at a time) under a progress bar; ``summary.csv`` is rewritten after each run."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    ]
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns += [TextColumn("ETA"), TimeRemainingColumn()]
     if todo:
         prepare(study)
     executor = _executor(study.workers)
@@ -455,13 +450,16 @@ def run_study(study: Study) -> pd.DataFrame:
             for k, (variant, n, seed) in enumerate(todo, 1):
                 progress.update(task, description=f"run {k}/{len(todo)}: {variant} n={n} seed={seed}")
                 record(run_one(study, variant, n, seed))
-        else:
-            with executor:
-                progress.update(task, description=f"{len(todo)} runs, {study.workers} at a time")
-                futures = [executor.submit(run_one, study, *run) for run in todo]
-                for future in as_completed(futures):
-                    record(future.result())
-    frame = _task_rows(read_summary(csv), study.task)
+            return
+        with executor:
+            progress.update(task, description=f"{len(todo)} runs, {study.workers} at a time")
+            futures = [executor.submit(run_one, study, *run) for run in todo]
+            for future in as_completed(futures):
+                record(future.result())
+
+
+def _report(study: Study, frame: pd.DataFrame, out: Path) -> None:
+    """summary.md, the sample-efficiency plot and the environment beside summary.csv (and W&B if chosen)."""
     shown, measure = frame, study.measure
     if frame["test_mae"].isna().all() and frame["test_mae_followup"].notna().any():
         # scans without baseline values (a manifest without baseline_columns) have no change to score
@@ -474,6 +472,17 @@ def run_study(study: Study) -> pd.DataFrame:
     atomic_write_json(out / ENVIRONMENT_FILE, run_environment())
     if study.logger == "wandb":
         log_study_to_wandb(study, shown, out)
+
+
+def run_study(study: Study) -> pd.DataFrame:
+    """Every (variant, size, seed) run not yet in ``summary.csv``, then the summary of the task's runs."""
+    out = Path(study.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv, console = out / "summary.csv", Console()
+    done = read_summary(csv)
+    _execute(study, _runs_to_do(study, csv, done, console), csv, done, console)
+    frame = _task_rows(read_summary(csv), study.task)
+    _report(study, frame, out)
     console.print((out / "summary.md").read_text())
     return frame
 

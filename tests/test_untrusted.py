@@ -269,3 +269,27 @@ def test_no_identifier_reaches_any_file_of_a_failed_or_a_successful_run(tiny_art
     assert "sub-00" in next(root.glob("predictions/*.csv")).read_text()  # the DICOM subject went through
     assert _files_holding(root, SENTINEL) == []
     assert _files_holding(root, "JANE") == []
+
+
+def _checkpoint_naming(path: Path, class_path: str) -> Path:
+    torch.save({"hyper_parameters": {"_class_path": class_path, "variant": "rmr"}, "state_dict": {}}, path)
+    return path
+
+
+def test_a_checkpoint_cannot_choose_the_model_class_to_import(tmp_path: Path, monkeypatch) -> None:
+    """A class named in a checkpoint's hyperparameters is imported only if the config or rmr_lightning names it."""
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_model_mod.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Evil: ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = _checkpoint_naming(tmp_path / "foreign.ckpt", "evil_model_mod.Evil")
+    with pytest.raises(
+        CheckpointError, match=r"foreign.ckpt: its hyperparameters name the model class 'evil_model_mod.Evil'"
+    ):
+        cli_main(["test", *BRAIN, f"--ckpt_path={ckpt}", "--trainer.logger=false"])
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_the_retired_model_class_says_what_to_do(tmp_path: Path) -> None:
+    ckpt = _checkpoint_naming(tmp_path / "old.ckpt", "rmr_lightning.finetuning.FrozenProcessorFinetuning")
+    with pytest.raises(CheckpointError, match=r"old.ckpt was written by .*FrozenProcessorFinetuning.*fit again"):
+        cli_main(["predict", *BRAIN, f"--ckpt_path={ckpt}", "--trainer.logger=false"])

@@ -6,6 +6,7 @@ Scans: the T1w image of each subject and session, found with pybids (``sub-X/ses
 the first by path where a session has several runs). Ages come from the ``age`` column of
 ``sub-X/sub-X_sessions.tsv``, else from ``participants.tsv`` (taken as the age at the subject's first
 session; later ages add the ``acq_time`` difference); dates from the ``acq_time`` column of sessions.tsv.
+A ``split`` column of participants.tsv (train, val, test: a predefined split) is copied into the manifest.
 Segmentations come from DIR (default ``DATASET/derivatives/freesurfer``), per session: FreeSurfer's
 longitudinal stream ``sub-X_ses-Y.long.*`` (preferred: less noisy), its cross-sectional ``sub-X_ses-Y``,
 or BIDS-derivatives style ``sub-X/ses-Y``. Label map ``mri/aparc+aseg.mgz`` (scheme ``aparc+aseg``), else
@@ -458,7 +459,9 @@ def _cohort_reference(rows: list[dict], source: str) -> np.ndarray:
 def add_measures(rows: list[dict], names: list[str]) -> pd.DataFrame:
     """The manifest table: measures per region, with the cohort's median baseline as the reference of the
     regions the template does not label (the subcortical ones)."""
-    columns = COLUMNS + [f"base_{n}" for n in names] + list(names)
+    columns = (
+        COLUMNS + (["split"] if any("split" in r for r in rows) else []) + [f"base_{n}" for n in names] + list(names)
+    )
     cohort = {source: _cohort_reference(rows, source) for source in {r["volume_source"] for r in rows}}
     table = []
     for r in rows:
@@ -485,7 +488,7 @@ def build(
             excluded.append((subject, err, False))
             continue
         excluded += [(subject, d, True) for d in dropped]
-        rows.append(manifest_row(pair, names, manifest.parent))
+        rows.append(manifest_row(pair, names, manifest.parent) | _given_split(participants, subject))
     if participants is not None and "participant_id" in participants:
         for subject in sorted(set(participants["participant_id"]) - set(scans)):
             excluded.append(
@@ -497,6 +500,14 @@ def build(
             )
     report = [(s, e.session, e.reason, e.detail, kept) for s, e, kept in excluded]
     return add_measures(rows, names), pd.DataFrame(report, columns=REPORT_COLUMNS)
+
+
+def _given_split(participants: pd.DataFrame | None, subject: str) -> dict[str, str]:
+    """A predefined split (``split`` column of participants.tsv: train, val or test) goes into the manifest."""
+    if participants is None or not {"participant_id", "split"} <= set(participants):
+        return {}
+    match = participants.loc[participants["participant_id"] == subject, "split"]
+    return {"split": str(match.iloc[0])} if len(match) and isinstance(match.iloc[0], str) else {}
 
 
 def excluded_path(manifest: Path) -> Path:

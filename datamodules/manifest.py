@@ -13,8 +13,9 @@ Relative paths are resolved against the CSV's folder. Example header (R = 2 regi
     sub-002,dicom/sub-002/,scans/sub-002_dk84.nii.gz,64.0,1.5,,,,
 
 Target cells may be empty (unknown); a row whose follow-up cells are all empty is used for
-prediction only. The whole manifest is validated when ``setup`` first runs, before any training,
-and every problem found is reported at once in a ``ManifestError``.
+prediction only. An optional ``split`` column (train, val or test per labelled row) fixes the split;
+without it subjects are split at random by ``seed``. The whole manifest is validated when ``setup`` first
+runs, before any training, and every problem found is reported at once in a ``ManifestError``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from datamodules.scans import (
 from rmr_lightning.files import atomic_write_csv
 
 FILE_COLUMNS = ("image", "label_map")
+SPLITS = ("", "train", "val", "test")  # "": drawn at random by seed
 #: The report of subjects left out with ``on_bad_subject: skip``, in the run folder.
 BAD_SUBJECTS_FILE = "bad_subjects.csv"
 #: How many problems a ``ManifestError`` spells out; the rest are counted.
@@ -87,6 +89,7 @@ class ManifestRow:
     source: ScanSource  # image, label map, label scheme and the files' fingerprint
     covariates: Tensor  # (C,) float32
     target: Tensor  # (R, 2) float32: [baseline, follow-up]; NaN where unknown
+    split: str = ""  # train, val or test from the manifest's optional split column; "" to be drawn
 
     @property
     def labelled(self) -> bool:
@@ -305,6 +308,9 @@ def _check_row(line: int, row: pd.Series, folder: Path, columns: _Columns, defau
     scheme = row.get("label_scheme", "") or default_scheme
     if scheme not in LABEL_SCHEMES:
         issues.append(("label_scheme", None, f"{scheme[:40]!r} is not one of {list(LABEL_SCHEMES)}"))
+    split = row.get("split", "") or ""
+    if split not in SPLITS:
+        issues.append(("split", None, f"{split[:40]!r} is not one of train, val, test (or empty)"))
     paths = {c: (_resolve(row[c], folder) if row[c] else None) for c in FILE_COLUMNS}
     fingerprint, file_issues = _check_files(check, paths)
     covariate_values, covariate_issues = _numbers(row, columns.covariates, required=True)
@@ -319,6 +325,7 @@ def _check_row(line: int, row: pd.Series, folder: Path, columns: _Columns, defau
             source=ScanSource(paths["image"], paths["label_map"], scheme, fingerprint),
             covariates=torch.tensor(covariate_values, dtype=torch.float32),
             target=torch.tensor([baseline, follow_up], dtype=torch.float32).T.contiguous(),  # (R, 2)
+            split=split,
         )
     return check
 
@@ -416,8 +423,21 @@ def split_counts(num_subjects: int, val_fraction: float, test_fraction: float) -
 def split_subjects(
     rows: list[ManifestRow], val_fraction: float, test_fraction: float, seed: int
 ) -> dict[str, list[ManifestRow]]:
-    """Seeded split of labelled subjects; sorted by subject_id first, so row order does not matter."""
+    """Seeded split of labelled subjects; sorted by subject_id first, so row order does not matter. A manifest
+    with a ``split`` column (a predefined split: a held-out site, a published test set) is split by it instead,
+    and the fractions are not used."""
     labelled = sorted((r for r in rows if r.labelled), key=lambda r: r.subject_id)
+    if any(r.split for r in labelled):
+        unassigned = [r.subject_id for r in labelled if not r.split]
+        if unassigned:
+            raise ValueError(
+                f"the split column is empty for {len(unassigned)} labelled subject(s) ({', '.join(unassigned[:5])}"
+                f"{', ...' if len(unassigned) > 5 else ''}): give every labelled row train, val or test, or none"
+            )
+        given = {name: [r for r in labelled if r.split == name] for name in ("test", "val", "train")}
+        if not given["train"]:
+            raise ValueError("the split column names no training subject")
+        return given
     _, num_val, num_test = split_counts(len(labelled), val_fraction, test_fraction)
     order = np.random.default_rng(seed).permutation(len(labelled)).tolist()
     shuffled = [labelled[i] for i in order]

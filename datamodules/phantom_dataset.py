@@ -3,11 +3,14 @@
     rmr-data phantoms OUT --subjects N --spacing MM [--seed S] [--modality mri|ct]
 
 The cohort is the phantom route's (``datamodules.brain_phantom``: same anatomy, disease simulation,
-contrast and scanner effects, with ``BrainPhantomDataModule``'s default settings): each subject gets a
+contrast and scanner effects, with ``BrainPhantomDataModule``'s default settings), drawn as that
+datamodule draws its training pool, validation and test cohorts (40 / 20 / 40 %): 160 subjects are the
+demo's cohort subject for subject, baseline scans included, and participants.tsv's ``split`` column keeps
+their roles, so a study through the BIDS route sees the same subjects in the same roles. Each subject gets a
 baseline session ``ses-01`` and a follow-up ``ses-02`` ``horizon`` years later, each rendered from the
 same anatomy and contrast with grey matter thinned by the atrophy at that time (fresh scanner noise).
 
-    OUT/dataset_description.json, participants.tsv (participant_id, age at baseline, sex)
+    OUT/dataset_description.json, participants.tsv (participant_id, age at baseline, sex, split)
     OUT/sub-001/sub-001_sessions.tsv (session_id, acq_time, age)
     OUT/sub-001/ses-01/anat/sub-001_ses-01_T1w.nii.gz (CT: ``_ct``, in Hounsfield units)
     OUT/derivatives/freesurfer/sub-001_ses-01/mri/aparc+aseg.mgz (FreeSurfer numbering)
@@ -59,26 +62,53 @@ SESSIONS = ("ses-01", "ses-02")
 FIRST_SCAN = datetime(2008, 1, 1)
 #: aseg labels of the tissue outside the DK regions: cerebral white matter (left, right) and CSF.
 WHITE_MATTER, CSF = (2, 41), 24
+#: Follow-up scans take their scanner effects from the baseline's seed plus this (fresh noise, no collision).
+FOLLOW_UP_SEED = 50_001
+
+
+#: The demo's proportions: 64 training, 32 validation and 64 test subjects of 160.
+def split_sizes(count: int) -> list[tuple[str, int]]:
+    """(split, subjects) of a cohort of ``count``: test and validation rounded, training the rest."""
+    test, val = round(count * 0.4), round(count * 0.2)
+    return [("train", count - val - test), ("val", val), ("test", test)]
 
 
 def simulate_cohort(count: int, seed: int, modality: str, anatomy: Anatomy) -> dict:
-    """Disease, atrophy at both sessions, contrast, dates and sexes of ``count`` subjects (seeded)."""
+    """Disease, atrophy at both sessions, contrast, render seeds, split, dates and sexes of ``count`` subjects.
+
+    Drawn as ``BrainPhantomDataModule`` draws its cohort (training pool, validation and test cohorts each
+    from its own seeded generator, contrast and baseline scanner effects likewise), so 160 subjects at seed
+    S are the demo's cohort (``train_pool=64``, ``num_val=32``, ``num_test=64``, seed S) subject for
+    subject, with the same baseline scans, and the ``split`` keeps their roles.
+    """
     settings = BrainPhantomDataModule(modality=modality, spacing=int(anatomy.spacing), seed=seed)
-    hp, rng = settings.hparams, np.random.default_rng(seed)
-    observed = anatomy.region_voxels_1mm > 0
-    disease = simulate_disease(
-        count, rng, settings.algorithm, settings.cohort_params, observed, hp.stage, hp.horizon, hp.age
-    )
+    hp, observed = settings.hparams, anatomy.region_voxels_1mm > 0
+    parts, splits, render_seeds = [], [], []
+    for offset, (name, n) in enumerate(split_sizes(count)):
+        if n == 0:
+            continue
+        part_seed = hp.seed * 1000 + offset  # BrainPhantomDataModule._generate's
+        rng = np.random.default_rng(part_seed)
+        disease = simulate_disease(
+            n, rng, settings.algorithm, settings.cohort_params, observed, hp.stage, hp.horizon, hp.age
+        )
+        disease["contrast"] = tissue_contrast(modality, n, np.random.default_rng(part_seed))  # as render_cohort
+        parts.append(disease)
+        splits += [name] * n
+        render_seeds += [part_seed * 100_003 + j for j in range(n)]  # the baseline scan's, as _RenderJob's
+    disease = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    age, horizon = disease["age"], disease["horizon"]
+    rng = np.random.default_rng([seed, 3])  # dates and sexes, which the phantom route does not draw
     return {
-        "age": disease["age"].double().numpy(),
-        "horizon": disease["horizon"].double().numpy(),
+        "age": age.double().numpy(),
+        "horizon": horizon.double().numpy(),
         "atrophy": (
-            regional_atrophy(disease["x_baseline"], disease["age"], hp.atrophy_scale, hp.ageing_rate),
-            regional_atrophy(
-                disease["x_followup"], disease["age"] + disease["horizon"], hp.atrophy_scale, hp.ageing_rate
-            ),
+            regional_atrophy(disease["x_baseline"], age, hp.atrophy_scale, hp.ageing_rate),
+            regional_atrophy(disease["x_followup"], age + horizon, hp.atrophy_scale, hp.ageing_rate),
         ),
-        "contrast": tissue_contrast(modality, count, rng),
+        "contrast": disease["contrast"],
+        "render_seeds": (render_seeds, [s + FOLLOW_UP_SEED for s in render_seeds]),
+        "split": splits,
         "first_scan": rng.uniform(0, 7 * DAYS_PER_YEAR * 86400, size=count),  # seconds after FIRST_SCAN
         "sex": rng.choice(["F", "M"], size=count),
     }
@@ -160,7 +190,7 @@ def write_sessions_tsv(out: Path, subject: str, age: float, horizon: float, firs
     atomic_write_text(out / subject / f"{subject}_sessions.tsv", sessions.to_csv(sep="\t", index=False))
 
 
-def write_subject(out: Path, i: int, cohort: dict, anatomy: Anatomy, modality: str, seed: int) -> dict:
+def write_subject(out: Path, i: int, cohort: dict, anatomy: Anatomy, modality: str) -> dict:
     """Both sessions of subject ``i`` (scans, FreeSurfer outputs, sessions.tsv); returns its truth.csv row."""
     subject, names, spacing = f"sub-{i + 1:03d}", anatomy.region_names, anatomy.spacing
     gm, wm, csf, labels = subject_anatomy(anatomy, None)  # subjects in template space (spatial_jitter 0)
@@ -170,7 +200,7 @@ def write_subject(out: Path, i: int, cohort: dict, anatomy: Anatomy, modality: s
     for k, session in enumerate(SESSIONS):
         atrophy = cohort["atrophy"][k][i]
         tissues = render_tissues(gm, wm, csf, labels, atrophy)
-        torch.manual_seed(seed * 100_003 + 2 * i + k)  # TorchIO samples from torch's global generator
+        torch.manual_seed(cohort["render_seeds"][k][i])  # TorchIO samples from torch's global generator
         image = render_session(tissues, cohort["contrast"][i], anatomy.affine, modality)
         write_volume(out / subject / session / "anat" / f"{subject}_{session}_{suffix}.nii.gz", image, anatomy.affine)
         volumes = np.where(present, gm_volumes(gm, labels, atrophy, spacing), np.nan)
@@ -183,7 +213,7 @@ def write_subject(out: Path, i: int, cohort: dict, anatomy: Anatomy, modality: s
     label_map = f"derivatives/freesurfer/{subject}_{SESSIONS[0]}/mri/aparc+aseg.mgz"
     row = dict(
         zip(COLUMNS, [subject, image, label_map, "aparc+aseg", age, horizon, *SESSIONS, "simulated"], strict=True)
-    )
+    ) | {"split": cohort["split"][i]}
     return (
         row | dict(zip([f"base_{n}" for n in names], truth[0], strict=True)) | dict(zip(names, truth[1], strict=True))
     )
@@ -198,7 +228,7 @@ def write_dataset(
     anatomy = load_anatomy(spacing)
     cohort = simulate_cohort(subjects, seed, modality, anatomy)
     indices = track(range(subjects), description=f"phantoms -> {out}") if progress else range(subjects)
-    rows = [write_subject(out, i, cohort, anatomy, modality, seed) for i in indices]
+    rows = [write_subject(out, i, cohort, anatomy, modality) for i in indices]
     common = {"BIDSVersion": "1.9.0", "GeneratedBy": [{"Name": "rmr-data phantoms"}]}
     name = f"rmr_lightning brain phantoms (seed {seed}, {spacing} mm, {modality})"
     atomic_write_json(out / "dataset_description.json", {"Name": name, "DatasetType": "raw"} | common)
@@ -208,7 +238,12 @@ def write_dataset(
     }
     atomic_write_json(out / "derivatives" / "freesurfer" / "dataset_description.json", fs_description | common)
     participants = pd.DataFrame(
-        {"participant_id": [r["subject_id"] for r in rows], "age": [r["age"] for r in rows], "sex": cohort["sex"]}
+        {
+            "participant_id": [r["subject_id"] for r in rows],
+            "age": [r["age"] for r in rows],
+            "sex": cohort["sex"],
+            "split": cohort["split"],
+        }
     )
     atomic_write_text(out / "participants.tsv", participants.to_csv(sep="\t", index=False))
     truth = pd.DataFrame(rows)

@@ -268,6 +268,28 @@ def test_splits_are_disjoint_seeded_and_stable(cohort, monkeypatch):
     assert len(reads) == 1  # validated once; the second setup did nothing
 
 
+def test_a_split_column_fixes_the_split_and_is_validated(cohort):
+    folder, rows = cohort(6)
+    roles = ["train", "train", "val", "test", "train", "test"]
+    manifest = write_manifest(folder / "given.csv", [r | {"split": s} for r, s in zip(rows, roles, strict=True)])
+    for seed in (0, 1):  # the seed and the fractions no longer choose
+        dm = ManifestDataModule(str(manifest), seed=seed, **SMALL)
+        dm.setup("fit")
+        assert {k: sorted(v) for k, v in dm.splits.items() if k != "predict"} == {
+            "train": ["sub-00", "sub-01", "sub-04"],
+            "val": ["sub-02"],
+            "test": ["sub-03", "sub-05"],
+        }
+    bad = write_manifest(
+        folder / "bad.csv", [r | {"split": s} for r, s in zip(rows, [*roles[:5], "holdout"], strict=True)]
+    )
+    assert "subject_id 'sub-05' (line 7), column 'split': 'holdout' is not one of" in setup_error(bad)
+    partial = write_manifest(
+        folder / "partial.csv", [r | {"split": s} for r, s in zip(rows, [*roles[:5], ""], strict=True)]
+    )
+    assert "the split column is empty for 1 labelled subject(s) (sub-05)" in setup_error(partial)
+
+
 def test_train_size_draws_a_seeded_subset_of_the_training_split_only(cohort):
     folder, rows = cohort(10)
     manifest = str(write_manifest(folder / "m.csv", rows))

@@ -48,7 +48,7 @@ def _volumes(dataset, subject: str, session: str) -> dict[str, float]:
 def test_bids_layout_and_tables(dataset):
     assert json.loads((dataset / "dataset_description.json").read_text())["BIDSVersion"]
     participants = pd.read_csv(dataset / "participants.tsv", sep="\t")
-    assert list(participants.columns) == ["participant_id", "age", "sex"]
+    assert list(participants.columns) == ["participant_id", "age", "sex", "split"]
     assert list(participants.participant_id) == [f"sub-{i:03d}" for i in range(1, SUBJECTS + 1)]
     for subject in participants.participant_id:
         sessions = pd.read_csv(dataset / subject / f"{subject}_sessions.tsv", sep="\t")
@@ -63,7 +63,7 @@ def test_bids_layout_and_tables(dataset):
             values = set(np.unique(np.asarray(labels.dataobj)).tolist()) - {0, 2, 41, 24}  # white matter, CSF
             assert len(values) > 50 and all(1001 <= v <= 1035 or 2001 <= v <= 2035 for v in values)  # cortical only
     truth = pd.read_csv(dataset / "truth.csv")
-    assert list(truth.columns) == COLUMNS + [f"base_{n}" for n in dk84_region_names()] + dk84_region_names()
+    assert list(truth.columns) == [*COLUMNS, "split"] + [f"base_{n}" for n in dk84_region_names()] + dk84_region_names()
     for column in ("image", "label_map"):
         assert all((dataset / path).is_file() for path in truth[column])
 
@@ -164,3 +164,28 @@ def test_ct_and_bad_arguments(tmp_path, capsys):
     assert 20 < image[image > 15].mean() < 45  # Hounsfield units of brain tissue
     assert main(["phantoms", str(tmp_path / "x"), "--subjects", "0", "--spacing", "8"]) == 2
     assert "--subjects" in capsys.readouterr().out
+
+
+def test_the_dataset_is_the_phantom_routes_cohort_in_the_same_roles(tmp_path):
+    """10 subjects = BrainPhantomDataModule(train_pool=4, num_val=2, num_test=4): same baseline scans, same
+    targets and covariates, and participants.tsv's split keeps each subject's role."""
+    from datamodules.brain_phantom import BrainPhantomDataModule
+
+    truth = write_dataset(tmp_path / "bids", 10, SPACING, seed=SEED, progress=False)
+    route = BrainPhantomDataModule(
+        spacing=SPACING, train_pool=4, num_val=2, num_test=4, seed=SEED, cache_dir=str(tmp_path / "c")
+    )
+    cohort, _ = route._load_or_generate()
+    participants = pd.read_csv(tmp_path / "bids" / "participants.tsv", sep="\t")
+    assert participants.split.tolist() == ["train"] * 4 + ["val"] * 2 + ["test"] * 4 == truth.split.tolist()
+    names = dk84_region_names()
+    for i, subject in enumerate(truth.subject_id):
+        scan = np.asarray(
+            nib.load(tmp_path / "bids" / subject / "ses-01" / "anat" / f"{subject}_ses-01_T1w.nii.gz").dataobj
+        )
+        assert np.array_equal(scan, cohort["image"][i, 0].numpy()), subject
+        expected = cohort["target"][i].double().numpy()  # (R, 2), NaN where unobserved
+        row = truth.iloc[i]
+        np.testing.assert_allclose(row[[f"base_{n}" for n in names]].to_numpy(float), expected[:, 0], rtol=0, atol=1e-7)
+        np.testing.assert_allclose(row[names].to_numpy(float), expected[:, 1], rtol=0, atol=1e-7)
+        assert row.horizon == pytest.approx(float(cohort["covariates"][i, 1]), abs=1e-6)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.graphs import initial_states, random_graph
 from datamodules.sampling import epoch_sampler
-from rmr_lightning.algorithms import DiffusionSpectrum, GraphAlgorithm, NetworkDiffusion
+from rmr_lightning.algorithms import AbstractSpec, DiffusionSpectrum, GraphAlgorithm, NetworkDiffusion
 from rmr_lightning.batches import GraphBatch
 from rmr_lightning.connectome import graph_tensors, load_dk84
 
@@ -161,8 +161,9 @@ class AbstractGraphDataModule(L.LightningDataModule):
         self.splits: dict[str, GraphSamples] = {}
 
     @property
-    def abstract_spec(self) -> dict:
-        return abstract_spec(self.algorithm)
+    def abstract_spec(self) -> AbstractSpec:
+        """What the pretraining module and the artifact need to know about the abstract inputs."""
+        return AbstractSpec.from_algorithm(self.algorithm)
 
     @property
     def largest_training_graph(self) -> int:
@@ -226,16 +227,3 @@ class AbstractGraphDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> list[DataLoader]:
         return self.test_dataloader()
-
-
-def abstract_spec(algorithm: GraphAlgorithm) -> dict:
-    """What the pretraining module and the artifact need to know about the abstract inputs."""
-    return {
-        "algorithm": repr(algorithm),
-        "param_names": list(algorithm.param_names),
-        "param_scale": [max(abs(lo), abs(hi)) or 1.0 for lo, hi in algorithm.ranges.values()],
-        "param_ranges": [list(algorithm.ranges[name]) for name in algorithm.param_names],
-        "time_param": algorithm.time_param,
-        "param_decay": list(algorithm.param_decay),
-        "max_time": algorithm.max_time,
-    }

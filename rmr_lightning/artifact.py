@@ -5,7 +5,7 @@
     state_dict  P's weights alone
     config      {"class_path": ..., "init_args": {...}} that rebuild P
     encoder, decoder   {"state_dict", "config"} of the linear f and g (for alignment and readout)
-    abstract_spec      the abstract inputs: state channels, parameter names/scales, rollout bound
+    abstract_spec      the abstract inputs (``AbstractSpec.to_dict()``): parameter names/scales, rollout bound
     digests     sha256 of each part that shapes the model: processor, encoder, decoder (weights),
                 configs (the three rebuild configs), abstract_spec (canonical JSON)
     sha256      sha256 of the digests: the identity of the whole model (studies record it)
@@ -26,6 +26,7 @@ import importlib
 import json
 import pkgutil
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 import processors
 from processors.base import Processor
 from processors.registry import available_processors
+from rmr_lightning.algorithms import AbstractSpec
 from rmr_lightning.files import atomic_torch_save
 
 FORMAT_VERSION = 2
@@ -128,10 +130,12 @@ def save_processor_artifact(
     processor: Processor,
     encoder: nn.Linear,
     decoder: nn.Linear,
-    abstract_spec: dict[str, Any],
+    abstract_spec: AbstractSpec | Mapping[str, Any],
     metrics: dict[str, Any] | None = None,
 ) -> str:
-    """Write ``processor.pt`` atomically (temp file then rename); returns its content sha256."""
+    """Write ``processor.pt`` atomically (temp file then rename); returns its content sha256.
+
+    ``abstract_spec`` is stored as ``AbstractSpec.to_dict()``: plain JSON, as in every version-2 file."""
     path = Path(path)
     config = {"class_path": class_path(processor), "init_args": processor.init_args()}
     _check_plain(config["init_args"], Path(path), "processor init_args")  # a file we could not load is not written
@@ -141,7 +145,7 @@ def save_processor_artifact(
         "config": config,
         "encoder": {"state_dict": _weights(encoder), "config": linear_config(encoder)},
         "decoder": {"state_dict": _weights(decoder), "config": linear_config(decoder)},
-        "abstract_spec": json.loads(json.dumps(dict(abstract_spec))),  # tuples -> lists, as it will read back
+        "abstract_spec": json.loads(json.dumps(AbstractSpec.from_dict(abstract_spec).to_dict())),  # as read back
         "metrics": {k: _metric(v) for k, v in (metrics or {}).items()},
     }
     payload["digests"] = part_digests(payload)
@@ -157,7 +161,7 @@ class ProcessorArtifact:
     processor: Processor
     encoder: nn.Linear
     decoder: nn.Linear
-    abstract_spec: dict[str, Any]
+    abstract_spec: AbstractSpec
     sha256: str
     config: dict[str, Any]
     metrics: dict[str, Any]
@@ -338,13 +342,17 @@ def load_processor_artifact(path: str | Path, expected_hidden_dim: int | None = 
         )
     encoder = _build(payload["encoder"]["config"], payload["encoder"]["state_dict"], path, "encoder")
     decoder = _build(payload["decoder"]["config"], payload["decoder"]["state_dict"], path, "decoder")
+    try:
+        spec = AbstractSpec.from_dict(payload["abstract_spec"])
+    except (TypeError, ValueError) as err:
+        raise ArtifactError(f"{path}: its abstract_spec is not a valid AbstractSpec: {err}") from err
     metrics = dict(payload.get("metrics") or {})
     _warn_if_cut_short(metrics, path)
     return ProcessorArtifact(
         processor=processor,
         encoder=encoder,
         decoder=decoder,
-        abstract_spec=dict(payload["abstract_spec"]),
+        abstract_spec=spec,
         sha256=payload["sha256"],
         config=payload["config"],
         metrics=metrics,

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from processors.registry import available_processors
 from rmr_lightning import checkpoints
 from rmr_lightning.logging import WANDB_ID_KEY, RunIdentity, SaveAndLogConfig
+from rmr_lightning.protocols import HasAbstractSpec, HasCovariates
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "ndm.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -44,12 +45,13 @@ def default_wandb_mode() -> None:
         os.environ["WANDB_MODE"] = "offline"
 
 
-def _data_abstract_spec(datamodule) -> dict | None:
-    return getattr(datamodule, "abstract_spec", None)
+def _data_abstract_spec(datamodule: object) -> dict[str, Any] | None:
+    """The datamodule's ``AbstractSpec`` as its plain dict (what hyperparameters and checkpoints hold)."""
+    return datamodule.abstract_spec.to_dict() if isinstance(datamodule, HasAbstractSpec) else None
 
 
-def _data_covariate_names(datamodule) -> list[str] | None:
-    return getattr(datamodule, "covariate_names", None)
+def _data_covariate_names(datamodule: object) -> list[str] | None:
+    return datamodule.covariate_names if isinstance(datamodule, HasCovariates) else None
 
 
 # Datamodule settings that decide what a voxel means to the encoder: a checkpoint is only valid under its own.

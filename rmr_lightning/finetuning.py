@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MetricCollection, PearsonCorrCoef, R2Score
 
+from rmr_lightning.algorithms import GraphAlgorithm
 from rmr_lightning.artifact import load_processor_artifact
 from rmr_lightning.batches import ScanBatch
 from rmr_lightning.guards import check_gradients, check_loss
@@ -33,6 +34,7 @@ from rmr_lightning.natural import (
     plain,
 )
 from rmr_lightning.optim import configure_optimizers
+from rmr_lightning.protocols import HasAlgorithm, HasTrainTable
 
 #: Pretraining validation R^2 of the change below which a frozen P is warned about (docs/results/imperfect_p.md).
 MIN_FROZEN_R2 = 0.95
@@ -165,13 +167,13 @@ class NaturalFinetuning(L.LightningModule):
     def on_fit_start(self) -> None:
         """Measure covariate and target statistics on the training set once (kept in checkpoints)."""
         datamodule = self.trainer.datamodule
-        algorithm = getattr(datamodule, "algorithm", None)  # phantoms know the A that made them
+        algorithm = datamodule.algorithm if isinstance(datamodule, HasAlgorithm) else None  # phantoms know their A
         self._warn_other_algorithm(algorithm)
         if bool(self.model.stats_ready):
             return
         if datamodule is None:
             raise RuntimeError("NaturalFinetuning needs a datamodule (its training targets set the scales)")
-        if hasattr(datamodule, "train_table"):
+        if isinstance(datamodule, HasTrainTable):
             targets, covariates = datamodule.train_table()
         else:  # any datamodule of ScanBatches: one pass over its training data
             batches = list(datamodule.train_dataloader())
@@ -179,7 +181,7 @@ class NaturalFinetuning(L.LightningModule):
             covariates = torch.cat([b.covariates for b in batches])
         self.model.calibrate(targets, covariates)
 
-    def _warn_other_algorithm(self, algorithm: Any) -> None:
+    def _warn_other_algorithm(self, algorithm: GraphAlgorithm | None) -> None:
         pretrained = self.model.pretrained_algorithm
         if algorithm is None:
             return

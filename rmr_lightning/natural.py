@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from processors.base import Processor
 from processors.mlp import MLPProcessor
+from rmr_lightning.algorithms import AbstractSpec
 from rmr_lightning.artifact import ProcessorArtifact
 from rmr_lightning.batches import ScanBatch
 from rmr_lightning.centring import RegionCentring
@@ -245,20 +246,21 @@ class NaturalModel(nn.Module):
             freeze(getattr(self, name))
 
     # ---- construction (in this order: the random draws of every variant depend on it) -------------
-    def _read_spec(self, spec: dict[str, Any], head: StateHeadConfig) -> None:
+    def _read_spec(self, spec: AbstractSpec, head: StateHeadConfig) -> None:
         """What ``P`` was pretrained on: A's parameters, their scales and ranges, the time bound."""
-        self.param_names: list[str] = list(spec["param_names"])
-        self.max_time: float | None = spec.get("max_time")
-        self.pretrained_algorithm = str(spec.get("algorithm", "")).split("(")[0]  # class name of the A P emulates
-        self.time_index = self.param_names.index(spec["time_param"])
+        if spec.time_param is None:
+            raise ValueError(f"P was pretrained on {spec.algorithm or 'an algorithm'} without a time parameter")
+        self.param_names: list[str] = list(spec.param_names)
+        self.max_time: float | None = spec.max_time
+        self.pretrained_algorithm = spec.algorithm_name  # class name of the A P emulates
+        self.time_index = self.param_names.index(spec.time_param)
         self.subject_params = list(head.subject_params or [])
-        unknown = [p for p in self.subject_params if p not in self.param_names or p == spec["time_param"]]
+        unknown = [p for p in self.subject_params if p not in self.param_names or p == spec.time_param]
         if unknown:
             raise ValueError(f"subject_params {unknown} are not parameters of A other than time: {self.param_names}")
         self.subject_param_index = [self.param_names.index(p) for p in self.subject_params]
-        self.register_buffer("param_scale", torch.tensor(spec["param_scale"], dtype=torch.float32), persistent=False)
-        ranges = spec.get("param_ranges") or [[0.0, s] for s in spec["param_scale"]]
-        self._ranges = ranges
+        self.register_buffer("param_scale", torch.tensor(spec.param_scale, dtype=torch.float32), persistent=False)
+        self._ranges = spec.ranges
 
     def _build_graph(self, graph: GraphConfig) -> None:
         conn, self.region_names = graph_of(graph)

@@ -22,10 +22,12 @@ from torchmetrics import MeanSquaredError, MetricCollection, R2Score
 
 from processors.base import Processor
 from processors.registry import resolve_processor
+from rmr_lightning.algorithms import AbstractSpec, NetworkDiffusion
 from rmr_lightning.artifact import check_rebuildable
 from rmr_lightning.batches import GraphBatch
 from rmr_lightning.guards import check_loss
 from rmr_lightning.optim import configure_optimizers
+from rmr_lightning.protocols import HasAbstractSpec, HasTestNames
 from rmr_lightning.rollout import rollout
 
 ProcessorFactory = Callable[[int], Processor]
@@ -40,6 +42,11 @@ def build_processor(processor: ProcessorFactory | str, hidden_dim: int) -> Proce
     return built
 
 
+def default_abstract_spec() -> AbstractSpec:
+    """The spec a module gets without a datamodule: that of the default algorithm, ``NetworkDiffusion()``."""
+    return AbstractSpec.from_algorithm(NetworkDiffusion())
+
+
 def _metrics() -> MetricCollection:
     return MetricCollection({"mse": MeanSquaredError(), "r2_delta": R2Score()})
 
@@ -51,8 +58,9 @@ class ProcessorPretraining(L.LightningModule):
         processor: short name registered in ``rmr_lightning.processors`` or a class_path (its
             ``hidden_dim`` is filled in here).
         hidden_dim: latent width shared by f, P and g.
-        abstract_spec: parameter names/scales and rollout bound of the algorithm; the CLI links it
-            from the datamodule, so it is never typed in YAML.
+        abstract_spec: parameter names/scales and rollout bound of the algorithm (an ``AbstractSpec`` or its
+            dict, as checkpoint hyperparameters hold it); the CLI links it from the datamodule, so it is never
+            typed in YAML. None: that of ``NetworkDiffusion()``.
         reconstruction_weight: weight of ``|g(f(x')) - x'|^2``.
         optimizer, lr_scheduler: injected callables (LightningCLI).
     """
@@ -61,26 +69,22 @@ class ProcessorPretraining(L.LightningModule):
         self,
         processor: str | ProcessorFactory = "mpnn",
         hidden_dim: int = 128,
-        abstract_spec: dict | None = None,
+        abstract_spec: AbstractSpec | dict | None = None,
         reconstruction_weight: float = 1.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        spec = abstract_spec or {
-            "param_names": ["gamma", "t"],
-            "param_scale": [0.6, 4.0],
-            "time_param": "t",
-            "max_time": 4.0,
-        }
-        self.abstract_spec = dict(spec)
-        self.register_buffer("param_scale", torch.tensor(spec["param_scale"], dtype=torch.float32), persistent=False)
-        self.time_index = spec["param_names"].index(spec["time_param"]) if spec.get("time_param") else None
-        self.max_time = spec.get("max_time")
-        decay = spec.get("param_decay") or [0.0] * len(spec["param_names"])
-        self.register_buffer("param_decay", torch.tensor(decay, dtype=torch.float32), persistent=False)
-        self.encoder = nn.Linear(1 + len(spec["param_names"]), hidden_dim)  # f: [x', params] -> z
+        spec = AbstractSpec.from_dict(abstract_spec) if abstract_spec else default_abstract_spec()
+        if abstract_spec:  # saved as its dict: checkpoints hold plain values only (read with weights_only=True)
+            abstract_spec = spec.to_dict()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])  # reads the arguments' current values
+        self.abstract_spec = spec
+        self.register_buffer("param_scale", torch.tensor(spec.param_scale, dtype=torch.float32), persistent=False)
+        self.time_index = spec.time_index
+        self.max_time = spec.max_time
+        self.register_buffer("param_decay", torch.tensor(spec.decay, dtype=torch.float32), persistent=False)
+        self.encoder = nn.Linear(1 + len(spec.param_names), hidden_dim)  # f: [x', params] -> z
         self.processor = build_processor(processor, hidden_dim)  # P
         self.processor.init_args()  # a processor the artifact could not rebuild fails now, not after training
         check_rebuildable(self.processor)  # nor one the artifact's allow-list would refuse to load
@@ -155,7 +159,8 @@ class ProcessorPretraining(L.LightningModule):
         self.log(f"test/loss_{name}", loss, batch_size=b.num_graphs, add_dataloader_idx=False, sync_dist=True)
 
     def _test_name(self, dataloader_idx: int) -> str:
-        names = getattr(getattr(self.trainer, "datamodule", None), "test_names", None)
+        datamodule = self.trainer.datamodule
+        names = datamodule.test_names if isinstance(datamodule, HasTestNames) else None
         return names[dataloader_idx] if names else f"set{dataloader_idx}"
 
     def configure_optimizers(self) -> Any:
@@ -167,6 +172,8 @@ def quick_artifact(datamodule: Any, processor: str, hidden_dim: int, path: str |
     and data benchmarks, which measure the code path and not the model's accuracy."""
     from rmr_lightning.artifact import save_processor_artifact
 
+    if not isinstance(datamodule, HasAbstractSpec):
+        raise TypeError(f"{type(datamodule).__name__} has no abstract_spec: quick_artifact needs abstract data")
     torch.manual_seed(0)
     datamodule.setup("fit")
     model = ProcessorPretraining(processor=processor, hidden_dim=hidden_dim, abstract_spec=datamodule.abstract_spec)

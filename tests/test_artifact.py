@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from processors import GATv2Processor, MPNNProcessor
+from rmr_lightning.algorithms import AbstractSpec
 from rmr_lightning.artifact import (
     ArtifactError,
     check_rebuildable,
@@ -63,7 +64,8 @@ def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
     assert art.sha256 == sha == content_sha256(part_digests(raw))
     for key, value in proc.state_dict().items():
         assert torch.equal(art.processor.state_dict()[key], value)
-    assert art.abstract_spec == SPEC and art.metrics == {"r2": 0.9}
+    assert art.abstract_spec == AbstractSpec.from_dict(SPEC) and art.metrics == {"r2": 0.9}
+    assert raw["abstract_spec"] == SPEC  # stored as the plain dict it was given
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ def test_abstract_lesions_are_single_nodes_following_gompertz():
     r, t = b.params[:, 0].double(), b.params[:, 1].double()
     expected = b.x.double() * torch.exp(r / 0.3 * (1 - torch.exp(-0.3 * t)))
     assert torch.allclose(b.y.double(), expected, rtol=1e-5)
-    assert dm.abstract_spec["param_decay"] == [0.3, 0.0]  # the rate decays along a rollout
+    assert dm.abstract_spec.param_decay == (0.3, 0.0)  # the rate decays along a rollout
 
 
 def test_follow_up_volume_uses_the_doubling_time_of_the_nodule_type():

@@ -19,9 +19,11 @@ from rmr_lightning.algorithms.gompertz import (
     growth_rate,
     suspicious_growth,
 )
+from rmr_lightning.algorithms.spec import AbstractSpec
 from rmr_lightning.algorithms.tasks import FisherKPP, NetworkDiffusion
 
 __all__ = [
+    "AbstractSpec",
     "DAYS_PER_YEAR",
     "DiffusionSpectrum",
     "FisherKPP",

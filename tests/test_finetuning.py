@@ -266,21 +266,3 @@ def test_cohort_parameters_and_gains_get_their_own_learning_rates(tiny_artifact:
     assert lrs[id(model.model.cohort_logits)] == pytest.approx(1e-2)
     assert lrs[id(model.model.log_gain)] == pytest.approx(3e-2)
     assert lrs[id(model.model.encoder.fuse.weight)] == pytest.approx(1e-3)
-
-
-def test_grown_regions_take_the_unlabelled_border_and_keep_every_labelled_voxel() -> None:
-    from rmr_lightning.encoders import grow_regions
-
-    labels = torch.zeros(1, 1, 7, 5, 5, dtype=torch.uint8)
-    labels[0, 0, 1:3, 1:4, 1:4] = 2  # a region with a one-voxel gap to the next
-    labels[0, 0, 4:6, 1:4, 1:4] = 1
-    grown = grow_regions(labels, 1)
-    assert torch.equal(grown[labels > 0], labels[labels > 0]) and grown.dtype == labels.dtype
-    assert grown[0, 0, 3, 2, 2] == 2  # between the regions: the larger label
-    assert grown[0, 0, 0, 0, 0] == 2 and grown[0, 0, 6, 4, 4] == 1  # diagonal neighbours count
-    far = torch.zeros_like(labels)
-    far[0, 0, 0, 0, 0] = 1
-    assert int((grow_regions(far, 2) > 0).sum()) == 27 and torch.equal(grow_regions(labels, 0), labels)
-    image = torch.rand(1, 1, 7, 5, 5)
-    _, counts = RegionCNN(widths=(2, 2, 2), out_channels=2, grow_labels=1)(image, labels, 2)
-    assert counts.tolist() == [[float((grown == 1).sum()), float((grown == 2).sum())]]

@@ -6,7 +6,7 @@
 # every run, so a study cut off by LIMIT keeps what finished, and its table and plot are made from that.
 # Usage: bash scripts/gpu_study.sh   (env: TASKS, LIMIT seconds, SPACING, STEPS, WORKERS per task, SIZES,
 #                                      VARIANTS, SEEDS, POOL (training pool, default 64), ACCEL, CENTRING=false for region_centring off, GAIN for
-#                                      gain_lr_factor (default 10), SMOKE=0 to skip the precision check;
+#                                      lr_factors.gain (default 10), SMOKE=0 to skip the precision check;
 #                                      results in $OUT/results.tgz)
 # RESUME=PREFIX continues earlier studies: PREFIX_mri_summary.csv / PREFIX_ct_summary.csv become each study's
 # summary.csv, so the runs they hold (same variant, size and seed) are skipped. Resume only with the settings

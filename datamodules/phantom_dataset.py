@@ -64,7 +64,7 @@ WHITE_MATTER, CSF = (2, 41), 24
 def simulate_cohort(count: int, seed: int, modality: str, anatomy: Anatomy) -> dict:
     """Disease, atrophy at both sessions, contrast, dates and sexes of ``count`` subjects (seeded)."""
     settings = BrainPhantomDataModule(modality=modality, spacing=int(anatomy.spacing), seed=seed)
-    hp, rng = settings.hparams, np.random.default_rng(seed)
+    hp, rng = settings.disease, np.random.default_rng(seed)
     observed = anatomy.region_voxels_1mm > 0
     disease = simulate_disease(
         count, rng, settings.algorithm, settings.cohort_params, observed, hp.stage, hp.horizon, hp.age

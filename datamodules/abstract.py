@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.configs import LoaderConfig, as_config, plain
 from datamodules.graphs import initial_states, random_graph
 from datamodules.sampling import epoch_sampler
 from rmr_lightning.algorithms import AbstractSpec, DiffusionSpectrum, GraphAlgorithm, NetworkDiffusion
@@ -116,6 +117,9 @@ def _identity(batch: GraphBatch) -> GraphBatch:
     return batch
 
 
+_LOADER = LoaderConfig(batch_size=64)
+
+
 class AbstractGraphDataModule(L.LightningDataModule):
     """Synthetic ``x' -> A(x')`` on random graphs plus DK84.
 
@@ -127,7 +131,8 @@ class AbstractGraphDataModule(L.LightningDataModule):
         dk84_fraction: share of training samples on the DK84 connectome.
         larger_factor: test graphs have this many times the largest training graph's nodes.
         horizon_factor: the longer-horizon test multiplies the largest training time by this range.
-        batch_size: graphs per batch.
+        loader: ``LoaderConfig`` (``batch_size`` graphs per batch, ``num_workers``); a dict of the fields to
+            change also works, and ``hparams`` holds it as a dict.
         seed: everything is a function of it.
     """
 
@@ -145,11 +150,11 @@ class AbstractGraphDataModule(L.LightningDataModule):
         dk84_fraction: float = 0.1,
         larger_factor: tuple[float, float] = (2.0, 4.0),
         horizon_factor: tuple[float, float] = (1.5, 3.0),
-        batch_size: int = 64,
-        num_workers: int = 0,
+        loader: LoaderConfig | None = _LOADER,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        self.loader = as_config(LoaderConfig, loader, _LOADER)
         if not 2 <= min_nodes <= max_nodes:
             raise ValueError(f"need 2 <= min_nodes <= max_nodes, got {min_nodes}, {max_nodes}")
         if not 0.0 <= dk84_fraction <= 1.0:
@@ -158,6 +163,7 @@ class AbstractGraphDataModule(L.LightningDataModule):
         if self.algorithm.time_param is None:
             raise ValueError("the longer-horizon test needs an algorithm with a time parameter")
         self.save_hyperparameters(ignore=["algorithm"])
+        self.hparams["loader"] = plain(self.loader)  # a plain dict: checkpoints are read with weights_only=True
         self.splits: dict[str, GraphSamples] = {}
 
     @property
@@ -209,11 +215,11 @@ class AbstractGraphDataModule(L.LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.splits[name],
-            batch_size=self.hparams.batch_size,
+            batch_size=self.loader.batch_size,
             sampler=epoch_sampler(self.splits[name], self.hparams.seed, shuffle=shuffle),
             collate_fn=_identity,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
+            num_workers=self.loader.num_workers,
+            persistent_workers=self.loader.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -31,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from datamodules.configs import LoaderConfig, SplitConfig, as_config, flat_settings, plain
 from datamodules.sampling import check_train_size, cohort_splits, epoch_sampler
 from datamodules.scans import (
     augment_training_batch,
@@ -268,25 +270,50 @@ class _CohortDataset(torch.utils.data.Dataset):
         return self.subjects[index]
 
 
+@dataclass(frozen=True)
+class DiseaseConfig:
+    """The hidden disease of a phantom cohort and how it shows as atrophy.
+
+    Args:
+        cohort_params: the non-time parameters of the algorithm A, fixed for the cohort (default
+            ``{"gamma": 0.15}``, the diffusivity of ``NetworkDiffusion``).
+        stage, horizon, age: ranges (years) of time since onset, follow-up delay and age at baseline.
+        atrophy_scale: grey-matter fraction lost per unit of pathology load.
+        ageing_rate: grey-matter fraction lost per year after 50 (about 0.4 %/yr in cortex).
+    """
+
+    cohort_params: dict[str, float] | None = None
+    stage: tuple[float, float] = (1.0, 8.0)
+    horizon: tuple[float, float] = (1.0, 4.0)
+    age: tuple[float, float] = (60.0, 85.0)
+    atrophy_scale: float = 1.0
+    ageing_rate: float = 0.004
+
+
+_SPLIT, _DISEASE, _LOADER = SplitConfig(), DiseaseConfig(), LoaderConfig()
+
+
 class BrainPhantomDataModule(L.LightningDataModule):
     """Simulated cohorts of baseline brain scans with regional atrophy targets.
 
     Args:
         modality: ``"mri"`` (T1-weighted) or ``"ct"`` (Hounsfield units, brain window).
         spacing: isotropic voxel size in mm (4 for the CPU demo, 2 on a GPU).
-        train_pool: subjects available for training; ``train_size`` of them are used.
-        train_size: training subjects (None: the whole pool); drawn with ``subset_seed``.
-        num_val, num_test: fixed validation and test cohorts.
+        split: the cohort's subjects (``SplitConfig``: ``train_pool``, ``train_size``, ``subset_seed``,
+            ``num_val``, ``num_test``).
         algorithm: the algorithm A of the disease (default ``NetworkDiffusion()``); its non-time
-            parameters are fixed per cohort by ``cohort_params``.
-        stage, horizon, age: ranges (years) of time since onset, follow-up delay and age at baseline.
-        atrophy_scale: grey-matter fraction lost per unit of pathology load.
-        ageing_rate: grey-matter fraction lost per year after 50 (about 0.4 %/yr in cortex).
+            parameters are fixed per cohort by ``disease.cohort_params``.
+        disease: ``DiseaseConfig`` (cohort parameters of A, stage, horizon and age ranges, atrophy).
         spatial_jitter: residual misregistration (mm, degrees, % scale); see ``scanner_effects``.
         augment: a random gain and noise level per subject, on the device, training batches only.
+        loader: ``LoaderConfig`` (``batch_size``, ``num_workers``).
         render_workers: processes that render the cohort the first time (default: the CPUs this
             process may use); the cohort does not depend on it.
         seed: the cohort is a function of it (and of the settings above).
+        cache_dir: where the rendered cohort is cached (default ``$RMR_CACHE``, else ~/.cache/rmr_lightning).
+
+    ``split``, ``disease`` and ``loader`` take the dataclass or a dict of the fields to change; ``hparams``
+    holds them as dicts, the attributes of the same name as dataclasses.
     """
 
     covariate_names = list(COVARIATES)
@@ -295,22 +322,12 @@ class BrainPhantomDataModule(L.LightningDataModule):
         self,
         modality: str = "mri",
         spacing: int = 4,
-        train_pool: int = 128,
-        train_size: int | None = None,
-        subset_seed: int = 0,
-        num_val: int = 32,
-        num_test: int = 64,
+        split: SplitConfig | None = _SPLIT,
         algorithm: GraphAlgorithm | None = None,
-        cohort_params: dict[str, float] | None = None,
-        stage: tuple[float, float] = (1.0, 8.0),
-        horizon: tuple[float, float] = (1.0, 4.0),
-        age: tuple[float, float] = (60.0, 85.0),
-        atrophy_scale: float = 1.0,
-        ageing_rate: float = 0.004,
+        disease: DiseaseConfig | None = _DISEASE,
         spatial_jitter: float = 0.0,
         augment: bool = True,
-        batch_size: int = 8,
-        num_workers: int = 0,
+        loader: LoaderConfig | None = _LOADER,
         render_workers: int | None = None,
         seed: int = 0,
         cache_dir: str | None = None,
@@ -318,10 +335,15 @@ class BrainPhantomDataModule(L.LightningDataModule):
         super().__init__()
         if modality not in ("mri", "ct"):
             raise ValueError(f"modality must be 'mri' or 'ct', got {modality!r}")
-        check_train_size(train_size, train_pool)
+        self.split = as_config(SplitConfig, split, _SPLIT)
+        self.disease = as_config(DiseaseConfig, disease, _DISEASE)
+        self.loader = as_config(LoaderConfig, loader, _LOADER)
+        check_train_size(self.split.train_size, self.split.train_pool)
         self.save_hyperparameters(ignore=["algorithm"])
+        for key in ("split", "disease", "loader"):  # plain dicts: checkpoints are read with weights_only=True
+            self.hparams[key] = plain(getattr(self, key))
         self.algorithm = algorithm if algorithm is not None else NetworkDiffusion()
-        self.cohort_params = dict(cohort_params or {"gamma": 0.15})
+        self.cohort_params = dict(self.disease.cohort_params or {"gamma": 0.15})
         missing = set(self.algorithm.param_names) - {self.algorithm.time_param} - set(self.cohort_params)
         if missing:
             raise ValueError(f"cohort_params must fix {sorted(missing)} for {self.algorithm!r}")
@@ -334,7 +356,7 @@ class BrainPhantomDataModule(L.LightningDataModule):
 
     def _key(self, anatomy_hash: str) -> str:
         settings = {
-            **self.hparams,
+            **flat_settings(self.hparams, ("split", "disease", "loader")),
             "algorithm": repr(self.algorithm),
             "cohort_params": self.cohort_params,
             "version": COHORT_VERSION,
@@ -346,9 +368,9 @@ class BrainPhantomDataModule(L.LightningDataModule):
         )
 
     def _generate(self, anatomy: Anatomy) -> dict[str, Tensor]:
-        hp = self.hparams
+        hp, split, settings = self.hparams, self.split, self.disease
         parts = []
-        for offset, count in enumerate((hp.train_pool, hp.num_val, hp.num_test)):
+        for offset, count in enumerate((split.train_pool, split.num_val, split.num_test)):
             rng = np.random.default_rng(hp.seed * 1000 + offset)
             disease = simulate_disease(
                 count,
@@ -356,17 +378,17 @@ class BrainPhantomDataModule(L.LightningDataModule):
                 self.algorithm,
                 self.cohort_params,
                 anatomy.region_voxels_1mm > 0,
-                hp.stage,
-                hp.horizon,
-                hp.age,
+                settings.stage,
+                settings.horizon,
+                settings.age,
             )
             parts.append(
                 render_cohort(
                     anatomy,
                     disease,
                     hp.modality,
-                    hp.atrophy_scale,
-                    hp.ageing_rate,
+                    settings.atrophy_scale,
+                    settings.ageing_rate,
                     hp.seed * 1000 + offset,
                     hp.spatial_jitter,
                     self._render_workers(),
@@ -402,10 +424,7 @@ class BrainPhantomDataModule(L.LightningDataModule):
         if path.is_file():
             cohort = torch.load(path, weights_only=True)
         else:
-            rank_zero_info(
-                f"rendering {self.hparams.train_pool + self.hparams.num_val + self.hparams.num_test} "
-                f"phantom subjects -> {path}"
-            )
+            rank_zero_info(f"rendering {self.split.total} phantom subjects -> {path}")
             cohort = {**self._generate(anatomy), "affine": torch.as_tensor(anatomy.affine)}
             atomic_torch_save(cohort, path)
         if prep_path.is_file():
@@ -417,11 +436,9 @@ class BrainPhantomDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:  # idempotent
             return
-        hp = self.hparams
         self.cohort, prepared = self._load_or_generate()
-        splits = cohort_splits(hp.train_pool, hp.train_size, hp.subset_seed, hp.num_val, hp.num_test)
-        for name, idx in splits.items():
-            self.datasets[name] = _CohortDataset(self.cohort, prepared, idx, prefix=f"phantom-{hp.modality}")
+        for name, idx in cohort_splits(self.split).items():
+            self.datasets[name] = _CohortDataset(self.cohort, prepared, idx, prefix=f"phantom-{self.hparams.modality}")
 
     def train_table(self) -> tuple[Tensor, Tensor]:
         """Targets (n, R, 2) and covariates (n, C) of the training subjects, without reading images."""
@@ -429,17 +446,17 @@ class BrainPhantomDataModule(L.LightningDataModule):
         return self.cohort["target"][idx], self.cohort["covariates"][idx]
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        sampler = epoch_sampler(self.datasets[name], self.hparams.subset_seed, shuffle=shuffle)
+        sampler = epoch_sampler(self.datasets[name], self.split.subset_seed, shuffle=shuffle)
         # a ragged last batch is dropped only where this rank has more than one batch (under DDP it sees len(sampler))
-        drop_last = shuffle and len(sampler) > self.hparams.batch_size
+        drop_last = shuffle and len(sampler) > self.loader.batch_size
         return tio.SubjectsLoader(
             self.datasets[name],
-            batch_size=self.hparams.batch_size,
+            batch_size=self.loader.batch_size,
             sampler=sampler,
             drop_last=drop_last,
             collate_fn=collate_subjects,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
+            num_workers=self.loader.num_workers,
+            persistent_workers=self.loader.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -2,9 +2,12 @@
 
     rmr-data check scans.csv
     rmr-data check scans.csv --config configs/natural/manifest.yaml --spacing 2 --shape [96,112,96]
+    rmr-data check scans.csv --columns.label_scheme aparc+aseg --loader.num_workers 4
 
 Reads the datamodule's options from a natural config's ``data.init_args`` (``--config``), then from
-flags named as the datamodule's arguments (values in YAML syntax). Checks every row's cells and file
+flags named as the datamodule's arguments (values in YAML syntax); a grouped argument takes a flag per
+field (``--columns.targets [a,b]``, as ``--data.init_args.columns.targets`` of ``rmr``) or a mapping
+(``--columns '{targets: [a, b]}'``). Checks every row's cells and file
 headers, then reads every scan once into the preprocessing cache, checking its voxels, so a later
 ``rmr fit`` with the same preprocessing decodes nothing again. Prints one line per problem (subject,
 column, file, what is wrong) and a summary; exits 0 only when the manifest is usable as configured.
@@ -13,6 +16,7 @@ column, file, what is wrong) and a summary; exits 0 only when the manifest is us
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import time
 from pathlib import Path
@@ -35,20 +39,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report", help="also write the problems as CSV here (pseudonyms, paths relative to the manifest)"
     )
     for name, param in inspect.signature(ManifestDataModule.__init__).parameters.items():
-        if name not in _SKIP:
+        if name in _SKIP:
+            continue
+        group = dataclasses.is_dataclass(param.default)
+        default = dataclasses.asdict(param.default) if group else param.default
+        parser.add_argument(f"--{name}", type=yaml.safe_load, default=argparse.SUPPRESS, help=f"default {default!r}")
+        for field in dataclasses.fields(param.default) if group else ():
             parser.add_argument(
-                f"--{name}", type=yaml.safe_load, default=argparse.SUPPRESS, help=f"default {param.default!r}"
+                f"--{name}.{field.name}",
+                type=yaml.safe_load,
+                default=argparse.SUPPRESS,
+                help=f"default {default[field.name]!r}",
             )
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    """Datamodule options: the config's ``data.init_args``, then the flags given."""
+    """Datamodule options: the config's ``data.init_args``, then the flags given (a grouped argument's fields
+    are merged into what the config gave it)."""
     options: dict[str, Any] = {}
     if args.config:
         data = (yaml.safe_load(Path(args.config).read_text()) or {}).get("data") or {}
         options.update(data.get("init_args") or {})
     accepted = set(inspect.signature(ManifestDataModule.__init__).parameters) - {"self"}
-    options.update({k: v for k, v in vars(args).items() if k in accepted and k not in _SKIP})
+    for key, value in vars(args).items():
+        name, _, field = key.partition(".")
+        if name not in accepted or name in _SKIP:
+            continue
+        given = options.get(name)
+        if field:
+            options[name] = {**(given if isinstance(given, dict) else {}), field: value}
+        elif isinstance(given, dict) and isinstance(value, dict):
+            options[name] = {**given, **value}
+        else:
+            options[name] = value
     options.pop("predict_manifest", None)
     return {k: v for k, v in options.items() if k in accepted}
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from datamodules.abstract import AbstractGraphDataModule, GraphSamples
+from datamodules.configs import LoaderConfig, as_config
 from rmr_lightning.algorithms import GompertzGrowth, GraphAlgorithm
 
 #: Volume of a 20 mm sphere in mL: state 1 of the lesion task.
@@ -28,14 +29,17 @@ def lesion_volumes(diameter_mm: tuple[float, float]):
     return sample
 
 
+_LOADER = LoaderConfig(batch_size=256)
+
+
 class AbstractLesionDataModule(AbstractGraphDataModule):
     """Synthetic ``V0 -> A(V0; r, t)`` for single lesions; test sets in distribution and at 1.5-3x longer horizons.
 
     Args:
         algorithm: the growth law (default ``GompertzGrowth()``).
         diameter_mm: range of baseline lesion diameters (states are volumes relative to 20 mm).
-        num_train, num_val, num_test, horizon_factor, batch_size, num_workers, seed: as in
-            ``AbstractGraphDataModule``.
+        num_train, num_val, num_test, horizon_factor, loader, seed: as in ``AbstractGraphDataModule``
+            (``loader.batch_size`` 256 by default).
     """
 
     test_names = ("in_distribution", "longer_horizon")
@@ -48,8 +52,7 @@ class AbstractLesionDataModule(AbstractGraphDataModule):
         num_val: int = 2_000,
         num_test: int = 2_000,
         horizon_factor: tuple[float, float] = (1.5, 3.0),
-        batch_size: int = 256,
-        num_workers: int = 0,
+        loader: LoaderConfig | None = _LOADER,
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -62,8 +65,7 @@ class AbstractLesionDataModule(AbstractGraphDataModule):
             max_nodes=2,
             dk84_fraction=0.0,
             horizon_factor=horizon_factor,
-            batch_size=batch_size,
-            num_workers=num_workers,
+            loader=as_config(LoaderConfig, loader, _LOADER),
             seed=seed,
         )
         self.diameter_mm = tuple(float(d) for d in diameter_mm)

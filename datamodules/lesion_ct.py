@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -31,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.brain_phantom import default_cache_dir
+from datamodules.configs import LoaderConfig, SplitConfig, as_config, flat_settings, plain
 from datamodules.lesion_abstract import REFERENCE_VOLUME_ML
 from datamodules.sampling import check_train_size, cohort_splits, epoch_sampler
 from datamodules.scans import collate_subjects, ct_windowing, settings_key
@@ -250,15 +252,33 @@ class _QueueEpochSampler(DistributedSampler):
         self.queue.start_epoch(epoch, self.seed)
 
 
+@dataclass(frozen=True)
+class NoduleConfig:
+    """The simulated nodules and their follow-up.
+
+    Args:
+        type_probs: shares of solid, part-solid and ground-glass nodules.
+        diameter_mm: range of baseline diameters (mm).
+        horizon: range of follow-up delays (years).
+        rho: Gompertz deceleration (1/year), a cohort constant; the growth rate follows the type.
+    """
+
+    type_probs: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    diameter_mm: tuple[float, float] = (6.0, 20.0)
+    horizon: tuple[float, float] = (0.5, 2.0)
+    rho: float = 0.3
+
+
+_SPLIT, _NODULES, _LOADER = SplitConfig(), NoduleConfig(), LoaderConfig()
+
+
 class LesionCTDataModule(L.LightningDataModule):
     """Simulated lung-nodule CT cohorts: baseline patch -> nodule volume at baseline and follow-up (mL).
 
     Args:
-        train_pool, train_size, subset_seed, num_val, num_test, batch_size, num_workers, seed, cache_dir:
-            as in ``BrainPhantomDataModule`` (the study overrides ``train_size`` and ``subset_seed``).
-        type_probs: shares of solid, part-solid and ground-glass nodules.
-        diameter_mm: range of baseline diameters; horizon: range of follow-up delays (years).
-        rho: Gompertz deceleration (1/year), a cohort constant; the growth rate follows the type.
+        split, loader, seed, cache_dir: as in ``BrainPhantomDataModule`` (the study overrides
+            ``split.train_size`` and ``split.subset_seed``).
+        nodules: ``NoduleConfig`` (type shares, baseline diameters, follow-up delays, Gompertz rho).
         size, spacing: volume edge (voxels) and voxel size (mm); patch_size: edge of the patches (voxels).
         roi_mm: radius of the region of interest around the nodule (the label map).
         samples_per_volume: training patches per subject and epoch (each centred within 2 mm of the nodule).
@@ -269,28 +289,23 @@ class LesionCTDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        train_pool: int = 128,
-        train_size: int | None = None,
-        subset_seed: int = 0,
-        num_val: int = 32,
-        num_test: int = 64,
-        type_probs: tuple[float, float, float] = (0.5, 0.25, 0.25),
-        diameter_mm: tuple[float, float] = (6.0, 20.0),
-        horizon: tuple[float, float] = (0.5, 2.0),
-        rho: float = 0.3,
+        split: SplitConfig | None = _SPLIT,
+        nodules: NoduleConfig | None = _NODULES,
         size: int = 48,
         spacing: float = 1.0,
         patch_size: int = 32,
         roi_mm: float = 12.0,
         samples_per_volume: int = 2,
         augment: bool = True,
-        batch_size: int = 8,
-        num_workers: int = 0,
+        loader: LoaderConfig | None = _LOADER,
         seed: int = 0,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        check_train_size(train_size, train_pool)
+        self.split = as_config(SplitConfig, split, _SPLIT)
+        self.nodules = as_config(NoduleConfig, nodules, _NODULES)
+        self.loader = as_config(LoaderConfig, loader, _LOADER)
+        check_train_size(self.split.train_size, self.split.train_pool)
         if patch_size > size:
             raise ValueError(f"patch_size ({patch_size}) cannot exceed the volume size ({size})")
         if (roi_mm + 2.0) / spacing > patch_size / 2:
@@ -298,6 +313,8 @@ class LesionCTDataModule(L.LightningDataModule):
                 f"a {patch_size}-voxel patch at {spacing} mm cannot hold the {roi_mm} mm region of interest"
             )
         self.save_hyperparameters()
+        for key in ("split", "nodules", "loader"):  # plain dicts: checkpoints are read with weights_only=True
+            self.hparams[key] = plain(getattr(self, key))
         self.cohort: dict[str, Tensor] | None = None
         self.splits: dict[str, list[int]] = {}
 
@@ -316,18 +333,19 @@ class LesionCTDataModule(L.LightningDataModule):
             "samples_per_volume",
             "patch_size",
         )
-        key = settings_key({**self.hparams, "version": COHORT_VERSION}, skip)
+        settings = flat_settings(self.hparams, ("split", "nodules", "loader"))
+        key = settings_key({**settings, "version": COHORT_VERSION}, skip)
         cache_dir = Path(self.hparams.cache_dir) if self.hparams.cache_dir else default_cache_dir()
         return cache_dir / f"lesion_ct_{key}.pt"
 
     def _generate(self) -> dict[str, Tensor]:
-        hp = self.hparams
+        hp, split, nodules = self.hparams, self.split, self.nodules
         parts = []
-        for offset, count in enumerate((hp.train_pool, hp.num_val, hp.num_test)):
+        for offset, count in enumerate((split.train_pool, split.num_val, split.num_test)):
             if count == 0:  # e.g. no test split (scripts/export_lesion_phantoms.py)
                 continue
             rng = np.random.default_rng(hp.seed * 1000 + offset)
-            part = simulate_lesions(count, rng, hp.type_probs, hp.diameter_mm, hp.horizon, hp.rho)
+            part = simulate_lesions(count, rng, nodules.type_probs, nodules.diameter_mm, nodules.horizon, nodules.rho)
             volumes = [
                 render_lesion(int(k), float(d), hp.size, hp.spacing, hp.roi_mm, rng)
                 for k, d in zip(part["kind"], part["diameter"], strict=True)
@@ -349,10 +367,7 @@ class LesionCTDataModule(L.LightningDataModule):
         """Render and cache the cohort once (rank 0); later runs and other ranks load it."""
         path = self._cache_path()
         if not path.is_file():
-            rank_zero_info(
-                f"rendering {self.hparams.train_pool + self.hparams.num_val + self.hparams.num_test} "
-                f"lesion CT subjects -> {path}"
-            )
+            rank_zero_info(f"rendering {self.split.total} lesion CT subjects -> {path}")
             atomic_torch_save(self._generate(), path)
 
     def setup(self, stage: str | None = None) -> None:
@@ -362,8 +377,7 @@ class LesionCTDataModule(L.LightningDataModule):
         if not path.is_file():
             self.prepare_data()
         self.cohort = torch.load(path, weights_only=True)
-        hp = self.hparams
-        self.splits = cohort_splits(hp.train_pool, hp.train_size, hp.subset_seed, hp.num_val, hp.num_test)
+        self.splits = cohort_splits(self.split)
 
     def intensity(self) -> tio.Transform:
         """CT windowing shared by every split: the lung window rescaled to [0, 1]."""
@@ -381,11 +395,11 @@ class LesionCTDataModule(L.LightningDataModule):
         dataset = tio.SubjectsDataset([subjects.subject(i) for i in range(len(subjects))], transform=subjects.transform)
         queue = EpochQueue(
             dataset,
-            max_length=max(hp.batch_size, 4 * hp.samples_per_volume),
+            max_length=max(self.loader.batch_size, 4 * hp.samples_per_volume),
             samples_per_volume=hp.samples_per_volume,
             sampler=tio.LabelSampler(hp.patch_size, label_name="sampling_map", label_probabilities={1: 1.0}),
-            subject_sampler=epoch_sampler(dataset, hp.subset_seed, shuffle=True),
-            num_workers=hp.num_workers,
+            subject_sampler=epoch_sampler(dataset, self.split.subset_seed, shuffle=True),
+            num_workers=self.loader.num_workers,
             shuffle_subjects=False,  # the subject sampler shuffles, per epoch and rank
             shuffle_patches=True,
             start_background=False,  # read subjects only once iterated, in the order of the epoch set by then
@@ -394,8 +408,8 @@ class LesionCTDataModule(L.LightningDataModule):
         # the queue loads in its own workers: the loader around it must not start any
         return DataLoader(
             queue,
-            batch_size=hp.batch_size,
-            sampler=_QueueEpochSampler(queue, hp.subset_seed),
+            batch_size=self.loader.batch_size,
+            sampler=_QueueEpochSampler(queue, self.split.subset_seed),
             collate_fn=collate_subjects,
             num_workers=0,
         )
@@ -405,10 +419,10 @@ class LesionCTDataModule(L.LightningDataModule):
         subjects = _LesionSubjects(self.cohort, self.splits[name], self.intensity(), patch=hp.patch_size)
         return tio.SubjectsLoader(
             subjects,
-            batch_size=hp.batch_size,
-            sampler=epoch_sampler(subjects, hp.subset_seed, shuffle=False),
+            batch_size=self.loader.batch_size,
+            sampler=epoch_sampler(subjects, self.split.subset_seed, shuffle=False),
             collate_fn=collate_subjects,
-            num_workers=hp.num_workers,
+            num_workers=self.loader.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -3,9 +3,9 @@
 One row per subject. Required columns: ``subject_id`` (a pseudonym, never a patient identifier),
 ``image`` (a NIfTI file, or a folder holding exactly one DICOM series) and ``label_map`` (NIfTI or
 DICOM, in the image's voxel space: region r of the connectome is label r, 0 is background). Then one
-column per region with its follow-up value (``target_columns``, default the 84 DK84 region names of
+column per region with its follow-up value (``columns.targets``, default the 84 DK84 region names of
 ``rmr_lightning/data/connectome_dk84/regions.csv``), optionally one baseline column per region
-(``baseline_columns``), and the float covariates (``covariate_columns``, default ``age, horizon``).
+(``columns.baselines``), and the float covariates (``columns.covariates``, default ``age, horizon``).
 Relative paths are resolved against the CSV's folder. Example header (R = 2 regions)::
 
     subject_id,image,label_map,age,horizon,base_Cuneus_L,base_Cuneus_R,Cuneus_L,Cuneus_R
@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from datamodules.configs import LoaderConfig, as_config, plain
 from datamodules.freesurfer import LABEL_SCHEMES, scheme_absent
 from datamodules.sampling import epoch_sampler, training_subset
 from datamodules.scan_cache import ScanCache, ScanSource
@@ -57,6 +58,7 @@ from rmr_lightning.files import atomic_write_csv
 
 FILE_COLUMNS = ("image", "label_map")
 SPLITS = ("", "train", "val", "test")  # "": drawn at random by seed
+COVARIATE_COLUMNS = ("age", "horizon")
 #: The report of subjects left out with ``on_bad_subject: skip``, in the run folder.
 BAD_SUBJECTS_FILE = "bad_subjects.csv"
 #: How many problems a ``ManifestError`` spells out; the rest are counted.
@@ -485,6 +487,49 @@ class CachedScans(Dataset):
 # ------------------------------------------------------------------------------------- datamodule
 
 
+@dataclass(frozen=True)
+class ColumnsConfig:
+    """What the manifest's columns hold.
+
+    Args:
+        targets: follow-up value per region, in region order (label r = column r-1); default the 84 DK84
+            region names. R = len(targets).
+        baselines: baseline value per region, same order; default ``base_<region>`` when the manifest has
+            all of them (as ``rmr-data bids`` writes), else none (baseline NaN).
+        covariates: float covariates, in this order in ``ScanBatch.covariates``.
+        label_scheme: numbering of the label maps: ``dk84`` (label r is region r), ``aparc+aseg``
+            (FreeSurfer) or ``aparc.DKTatlas+aseg`` (FastSurfer); a ``label_scheme`` column overrides it per row.
+    """
+
+    targets: list[str] | None = None
+    baselines: list[str] | None = None
+    covariates: list[str] = field(default_factory=lambda: list(COVARIATE_COLUMNS))
+    label_scheme: str = "dk84"
+
+
+@dataclass(frozen=True)
+class ManifestSplitConfig:
+    """How the labelled subjects are split.
+
+    Args:
+        val_fraction: share of labelled subjects for validation (rounded; 0 -> no validation).
+        test_fraction: share of labelled subjects for testing.
+        seed: seed of the split (and of the shuffling of training).
+        train_size: train on this many of the training split's subjects, drawn with ``subset_seed``
+            (None: all); ``rmr-study`` sets both, with the validation and test subjects fixed by ``seed``.
+        subset_seed: seed of the training subset (and of the augmentation).
+    """
+
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    seed: int = 0
+    train_size: int | None = None
+    subset_seed: int = 0
+
+
+_COLUMNS, _SPLIT, _LOADER = ColumnsConfig(), ManifestSplitConfig(), LoaderConfig(batch_size=4)
+
+
 class ManifestDataModule(L.LightningDataModule):
     """Scans listed in a CSV manifest (see the module docstring), as ``ScanBatch`` batches.
 
@@ -493,32 +538,24 @@ class ManifestDataModule(L.LightningDataModule):
     problem listed, or with ``on_bad_subject: skip`` is left out and listed in ``bad_subjects.csv``.
 
     Args:
-        manifest: CSV of subjects to train, validate and test on (split by ``seed``).
+        manifest: CSV of subjects to train, validate and test on (split by ``split.seed``).
         predict_manifest: CSV of subjects to predict; default ``manifest`` (all its rows).
         spacing: isotropic voxel size (mm) after resampling.
         shape: voxels per axis after crop/pad, in TorchIO's (x, y, z) = RAS order.
         modality: "mri" (z-score over the head foreground) or "ct" (Hounsfield window to [0, 1]).
         ct_window: (low, high) Hounsfield units mapped to [0, 1] for CT.
-        target_columns: follow-up value per region, in region order (label r = column r-1);
-            default the 84 DK84 region names. R = len(target_columns).
-        baseline_columns: baseline value per region, same order; default ``base_<region>`` when the
-            manifest has all of them (as ``rmr-data bids`` writes), else none (baseline NaN).
-        covariate_columns: float covariates, in this order in ``ScanBatch.covariates``.
-        label_scheme: numbering of the label maps: ``dk84`` (label r is region r), ``aparc+aseg``
-            (FreeSurfer) or ``aparc.DKTatlas+aseg`` (FastSurfer); a ``label_scheme`` column overrides it per row.
+        columns: ``ColumnsConfig`` (target, baseline and covariate columns, default label scheme).
         on_bad_subject: ``error`` (stop, listing every problem) or ``skip`` (leave bad subjects out, list
             them in ``<default_root_dir>/bad_subjects.csv``, and go on).
-        val_fraction: share of labelled subjects for validation (rounded; 0 -> no validation).
-        test_fraction: share of labelled subjects for testing.
-        seed: seed of the split.
-        train_size: train on this many of the training split's subjects, drawn with ``subset_seed``
-            (None: all); ``rmr-study`` sets both, with the validation and test subjects fixed by ``seed``.
-        batch_size: subjects per batch.
-        num_workers: worker processes for loading and for preprocessing scans into the cache.
+        split: ``ManifestSplitConfig`` (validation and test fractions, their seed, the training subset).
+        loader: ``LoaderConfig``; its ``num_workers`` also preprocess scans into the cache.
         augment: a random gain and noise level per training subject, on the device (as the phantoms);
             after the cache, so it changes no cached scan.
         cache_dir: the preprocessing cache (default ``$RMR_CACHE``, else ~/.cache/rmr_lightning), shared
             by runs, workers and ranks; about 5 bytes per voxel of ``shape`` per scan.
+
+    ``columns``, ``split`` and ``loader`` take the dataclass or a dict of the fields to change; ``hparams``
+    holds them as dicts, the attributes of the same name as dataclasses.
     """
 
     def __init__(
@@ -529,34 +566,30 @@ class ManifestDataModule(L.LightningDataModule):
         shape: tuple[int, int, int] = (40, 48, 40),
         modality: str = "mri",
         ct_window: tuple[float, float] = CT_WINDOW,
-        target_columns: list[str] | None = None,
-        baseline_columns: list[str] | None = None,
-        covariate_columns: list[str] = ["age", "horizon"],  # noqa: B006 (copied, never mutated)
-        label_scheme: str = "dk84",
+        columns: ColumnsConfig | None = _COLUMNS,
         on_bad_subject: Literal["error", "skip"] = "error",
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        train_size: int | None = None,
-        subset_seed: int = 0,
-        batch_size: int = 4,
-        num_workers: int = 0,
+        split: ManifestSplitConfig | None = _SPLIT,
+        loader: LoaderConfig | None = _LOADER,
         augment: bool = True,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self._targets = list(target_columns) if target_columns is not None else dk84_region_names()
-        self._baselines = list(baseline_columns) if baseline_columns is not None else None
-        self._covariates = list(covariate_columns)
-        _check_arguments(
-            self._targets, self._baselines, self._covariates, modality, shape, val_fraction, test_fraction, batch_size
-        )
-        if label_scheme not in LABEL_SCHEMES or on_bad_subject not in ("error", "skip"):
+        self.columns = as_config(ColumnsConfig, columns, _COLUMNS)
+        self.split = as_config(ManifestSplitConfig, split, _SPLIT)
+        self.loader = as_config(LoaderConfig, loader, _LOADER)
+        cols = self.columns
+        self._targets = list(cols.targets) if cols.targets is not None else dk84_region_names()
+        self._baselines = list(cols.baselines) if cols.baselines is not None else None
+        self._covariates = list(cols.covariates)
+        _check_arguments(self._targets, self._baselines, self._covariates, modality, shape, self.split, self.loader)
+        if cols.label_scheme not in LABEL_SCHEMES or on_bad_subject not in ("error", "skip"):
             raise ValueError(
                 f"label_scheme must be one of {LABEL_SCHEMES} and on_bad_subject 'error' or 'skip', "
-                f"got {label_scheme!r}, {on_bad_subject!r}"
+                f"got {cols.label_scheme!r}, {on_bad_subject!r}"
             )
         self.save_hyperparameters()
+        for key in ("columns", "split", "loader"):  # plain dicts: checkpoints are read with weights_only=True
+            self.hparams[key] = plain(getattr(self, key))
         # preprocessing() copies the image's affine onto the label map: validation accepted it within AFFINE_ATOL
         self.transform = preprocessing(spacing, shape, modality, tuple(ct_window))
         folder = Path(cache_dir) if cache_dir else default_cache_dir() / "scans"
@@ -586,10 +619,10 @@ class ManifestDataModule(L.LightningDataModule):
         """Every check of a manifest, headers and then voxels (as scans enter the cache); nothing raised.
         Returns the row checks (usable rows have ``row`` set) and the manifest-wide problems."""
         checks, problems = read_manifest(
-            manifest, self._targets, self._baselines, self._covariates, self.hparams.label_scheme
+            manifest, self._targets, self._baselines, self._covariates, self.columns.label_scheme
         )
         usable = [c for c in checks if c.row is not None]
-        found = self.cache.ensure([c.row.source for c in usable], self.hparams.num_workers, show_progress)
+        found = self.cache.ensure([c.row.source for c in usable], self.loader.num_workers, show_progress)
         for check, scan_problems in zip(usable, found, strict=True):
             if scan_problems:
                 files = {"image": check.row.image, "label_map": check.row.label_map}
@@ -626,14 +659,14 @@ class ManifestDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Validate and split; idempotent. Fitting also validates the predict manifest, before training."""
-        hp = self.hparams
+        hp, config = self.hparams, self.split
         needs_fit = stage in (None, "fit", "validate", "test")
         needs_predict = stage in (None, "fit", "predict")
         if needs_fit and "train" not in self.rows:
             rows = self._read(hp.manifest, require_labels=True)
             try:
-                split = split_subjects(rows, hp.val_fraction, hp.test_fraction, hp.seed)
-                split["train"] = _subset(split["train"], hp.train_size, hp.subset_seed)
+                split = split_subjects(rows, config.val_fraction, config.test_fraction, config.seed)
+                split["train"] = _subset(split["train"], config.train_size, config.subset_seed)
             except ValueError as e:
                 raise ManifestError(hp.manifest, [str(e)]) from None
             self._store(split)
@@ -654,11 +687,11 @@ class ManifestDataModule(L.LightningDataModule):
                 self.datasets[name] = CachedScans(rows, self.cache)
 
     def _loader(self, name: str, shuffle: bool = False) -> tio.SubjectsLoader:
-        workers = self.hparams.num_workers
+        workers = self.loader.num_workers
         return tio.SubjectsLoader(
             self.datasets[name],
-            batch_size=self.hparams.batch_size,
-            sampler=epoch_sampler(self.datasets[name], self.hparams.seed, shuffle=shuffle),
+            batch_size=self.loader.batch_size,
+            sampler=epoch_sampler(self.datasets[name], self.split.seed, shuffle=shuffle),
             num_workers=workers,
             persistent_workers=workers > 0,
             collate_fn=collate_subjects,
@@ -702,16 +735,17 @@ def _check_arguments(
     covariates: list[str],
     modality: str,
     shape: tuple[int, int, int],
-    val_fraction: float,
-    test_fraction: float,
-    batch_size: int,
+    split: ManifestSplitConfig,
+    loader: LoaderConfig,
 ) -> None:
     """Configuration errors, raised at construction (before any file is read)."""
     if not targets:
-        raise ValueError("target_columns must name at least one region")
+        raise ValueError("columns.targets must name at least one region")
     if baselines is not None and len(baselines) != len(targets):
-        raise ValueError(f"baseline_columns has {len(baselines)} names, target_columns {len(targets)}: one per region")
-    named = {"target_columns": targets, "baseline_columns": baselines or [], "covariate_columns": covariates}
+        raise ValueError(
+            f"columns.baselines has {len(baselines)} names, columns.targets {len(targets)}: one per region"
+        )
+    named = {"columns.targets": targets, "columns.baselines": baselines or [], "columns.covariates": covariates}
     for name, columns in named.items():
         if len(set(columns)) != len(columns):
             raise ValueError(f"{name} has duplicate names")
@@ -719,7 +753,8 @@ def _check_arguments(
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"shape must be three positive voxel counts, got {shape}")
-    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"need val_fraction, test_fraction >= 0 with sum < 1, got {val_fraction}, {test_fraction}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    val, test = split.val_fraction, split.test_fraction
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError(f"need val_fraction, test_fraction >= 0 with sum < 1, got {val}, {test}")
+    if loader.batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {loader.batch_size}")

@@ -82,12 +82,12 @@ def simulate_cohort(count: int, seed: int, modality: str, anatomy: Anatomy) -> d
     subject, with the same baseline scans, and the ``split`` keeps their roles.
     """
     settings = BrainPhantomDataModule(modality=modality, spacing=int(anatomy.spacing), seed=seed)
-    hp, observed = settings.hparams, anatomy.region_voxels_1mm > 0
+    hp, observed = settings.disease, anatomy.region_voxels_1mm > 0
     parts, splits, render_seeds = [], [], []
     for offset, (name, n) in enumerate(split_sizes(count)):
         if n == 0:
             continue
-        part_seed = hp.seed * 1000 + offset  # BrainPhantomDataModule._generate's
+        part_seed = seed * 1000 + offset  # BrainPhantomDataModule._generate's
         rng = np.random.default_rng(part_seed)
         disease = simulate_disease(
             n, rng, settings.algorithm, settings.cohort_params, observed, hp.stage, hp.horizon, hp.age

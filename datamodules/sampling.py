@@ -12,6 +12,8 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler
 
+from datamodules.configs import SplitConfig
+
 
 def epoch_sampler(dataset: Dataset, seed: int, shuffle: bool = True, drop_last: bool = False) -> DistributedSampler:
     """A ``DistributedSampler`` over this process's rank (one replica when not distributed)."""
@@ -39,15 +41,13 @@ def training_subset(pool: int, train_size: int | None, subset_seed: int) -> list
     return sorted(np.random.default_rng(subset_seed).permutation(pool)[:train_size].tolist())
 
 
-def cohort_splits(
-    train_pool: int, train_size: int | None, subset_seed: int, num_val: int, num_test: int
-) -> dict[str, list[int]]:
+def cohort_splits(split: SplitConfig) -> dict[str, list[int]]:
     """Subject indices of a cohort stored as [training pool, validation, test]: ``train_size`` of the pool
     drawn with ``subset_seed`` (the study's seed), and the fixed validation and test subjects after it."""
-    train = training_subset(train_pool, train_size, subset_seed)
-    first_test = train_pool + num_val
+    train = training_subset(split.train_pool, split.train_size, split.subset_seed)
+    first_test = split.train_pool + split.num_val
     return {
         "train": train,
-        "val": list(range(train_pool, first_test)),
-        "test": list(range(first_test, first_test + num_test)),
+        "val": list(range(split.train_pool, first_test)),
+        "test": list(range(first_test, first_test + split.num_test)),
     }

@@ -117,11 +117,11 @@ def augment_intensity(batch: ScanBatch, seed: int) -> ScanBatch:
 
 def augment_training_batch(datamodule: Any, batch: ScanBatch) -> ScanBatch:
     """``on_after_batch_transfer`` of the scan datamodules: ``augment_intensity`` on training batches when
-    the datamodule's ``augment`` is on, seeded by its ``subset_seed`` and the global step."""
+    the datamodule's ``augment`` is on, seeded by its ``split.subset_seed`` and the global step."""
     trainer = getattr(datamodule, "trainer", None)
     if not (datamodule.hparams.augment and trainer is not None and trainer.training):
         return batch
-    return augment_intensity(batch, datamodule.hparams.subset_seed * 1_000_003 + trainer.global_step)
+    return augment_intensity(batch, datamodule.split.subset_seed * 1_000_003 + trainer.global_step)
 
 
 def _stack_labels(maps: list[torch.Tensor]) -> torch.Tensor:

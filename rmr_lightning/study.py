@@ -137,8 +137,8 @@ def _run_args(study: Study, variant: str, n_train: int, seed: int) -> tuple[str,
         *study.overrides,
         f"--seed_everything={seed}",
         f"--model.init_args.variant={variant}",
-        f"--data.init_args.train_size={n_train}",
-        f"--data.init_args.subset_seed={seed}",
+        f"--data.init_args.split.train_size={n_train}",
+        f"--data.init_args.split.subset_seed={seed}",
         f"--trainer.default_root_dir={folder}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
@@ -462,7 +462,7 @@ def _report(study: Study, frame: pd.DataFrame, out: Path) -> None:
     """summary.md, the sample-efficiency plot and the environment beside summary.csv (and W&B if chosen)."""
     shown, measure = frame, study.measure
     if frame["test_mae"].isna().all() and frame["test_mae_followup"].notna().any():
-        # scans without baseline values (a manifest without baseline_columns) have no change to score
+        # scans without baseline values (a manifest without baseline columns) have no change to score
         shown, measure = (
             frame.assign(test_mae=frame["test_mae_followup"]),
             "follow-up value (no baseline values: no change to score)",

@@ -92,8 +92,8 @@ def _cli(manifest: Path, artifact: Path, root: Path, shape: list[int], spacing: 
             f"--data.init_args.manifest={manifest}",
             f"--data.init_args.spacing={spacing}",
             f"--data.init_args.shape={shape}",
-            f"--data.init_args.num_workers={workers}",
-            "--data.init_args.batch_size=4",
+            f"--data.init_args.loader.num_workers={workers}",
+            "--data.init_args.loader.batch_size=4",
             f"--model.init_args.processor_artifact={artifact}",
             f"--trainer.max_steps={steps}",
             f"--trainer.val_check_interval={steps}",
@@ -240,7 +240,7 @@ def tiny_artifact(path: Path) -> Path:
     from datamodules.abstract import AbstractGraphDataModule
     from rmr_lightning.pretraining import quick_artifact
 
-    dm = AbstractGraphDataModule(num_train=256, num_val=32, num_test=32, num_graphs=16, batch_size=32)
+    dm = AbstractGraphDataModule(num_train=256, num_val=32, num_test=32, num_graphs=16, loader={"batch_size": 32})
     return quick_artifact(dm, "mpnn", 32, path)
 
 

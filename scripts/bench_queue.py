@@ -24,8 +24,8 @@ def loader_rate(workers: int, subjects: int, epochs: int) -> float:
         [
             "--config",
             "configs/natural/lesion_ct.yaml",
-            f"--data.init_args.train_size={subjects}",
-            f"--data.init_args.num_workers={workers}",
+            f"--data.init_args.split.train_size={subjects}",
+            f"--data.init_args.loader.num_workers={workers}",
             "--trainer.logger=false",
         ],
         run=False,
@@ -45,7 +45,7 @@ def train_rate(subjects: int, steps: int) -> float:
         [
             "--config",
             "configs/natural/lesion_ct.yaml",
-            f"--data.init_args.train_size={subjects}",
+            f"--data.init_args.split.train_size={subjects}",
             "--trainer.logger=false",
         ],
         run=False,

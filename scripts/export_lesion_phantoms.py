@@ -29,7 +29,7 @@ def save_nifti(image: nib.Nifti1Image, path: Path) -> None:
 
 def export(out_dir: Path, subjects: int, seed: int = 0, cache_dir: str | None = None) -> Path:
     """Render (or load the cached) cohort of ``subjects`` nodules and write its files; returns the manifest."""
-    dm = LesionCTDataModule(train_pool=subjects, num_val=0, num_test=0, seed=seed, cache_dir=cache_dir)
+    dm = LesionCTDataModule(split={"train_pool": subjects, "num_val": 0, "num_test": 0}, seed=seed, cache_dir=cache_dir)
     dm.prepare_data()
     dm.setup()
     cohort = dm.cohort

@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=offline
 python3 -m pytest tests/test_algorithms.py -m gpu -q -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
 ROOT=/tmp/gpu_pretrain
 ARGS=(--config configs/pretrain/ndm.yaml --config ${TRAINER:-configs/trainer/gpu.yaml} --config configs/logger/csv.yaml
-      --data.init_args.batch_size=256 --trainer.max_steps=${MAX_STEPS:-12000} --trainer.max_time=00:00:04:40
+      --data.init_args.loader.batch_size=256 --trainer.max_steps=${MAX_STEPS:-12000} --trainer.max_time=00:00:04:40
       --trainer.val_check_interval=500 --trainer.enable_progress_bar=false
       --trainer.logger.init_args.save_dir=$ROOT)
 python3 -m rmr_lightning.cli fit "${ARGS[@]}" \

@@ -57,8 +57,8 @@ workers: ${WORKERS:-6}
 overrides:
   - --config=configs/trainer/${ACCEL:-gpu}.yaml
   - --data.init_args.spacing=${SPACING:-2}
-  - --data.init_args.train_pool=${POOL:-64}
-  - --data.init_args.num_workers=0
+  - --data.init_args.split.train_pool=${POOL:-64}
+  - --data.init_args.loader.num_workers=0
   - --trainer.max_steps=${STEPS:-400}
   - --model.init_args.head.region_centring=${CENTRING:-true}
   - --model.init_args.lr_factors.gain=${GAIN:-10}

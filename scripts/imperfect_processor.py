@@ -59,7 +59,7 @@ def compare(args: argparse.Namespace, phantoms: str, readout: str, artifacts: di
     )
     overrides = [
         *PHANTOMS[phantoms],
-        "--data.init_args.train_pool=64",
+        "--data.init_args.split.train_pool=64",
         f"--model.init_args.readout.kind={readout}",
         *args.overrides,
     ]

@@ -41,8 +41,8 @@ def main() -> None:
 
     every_region = torch.ones(model.num_regions, dtype=torch.bool)
     ranges = BrainPhantomDataModule(
-        algorithm=algorithm, cohort_params=cohort
-    ).hparams  # the datamodule's stage, horizon, age
+        algorithm=algorithm, disease={"cohort_params": cohort}
+    ).disease  # the datamodule's stage, horizon, age
     cohort_draw = simulate_disease(
         args.subjects,
         np.random.default_rng(1),

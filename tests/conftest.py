@@ -32,7 +32,7 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small MPNN (hidden 16) pretrained for a few steps on network diffusion, saved as processor.pt."""
     from datamodules.abstract import AbstractGraphDataModule
 
-    dm = AbstractGraphDataModule(num_train=256, num_val=32, num_test=32, num_graphs=16, batch_size=32)
+    dm = AbstractGraphDataModule(num_train=256, num_val=32, num_test=32, num_graphs=16, loader={"batch_size": 32})
     return _tiny_artifact(dm, "mpnn", tmp_path_factory.mktemp("artifact") / "processor.pt")
 
 
@@ -41,5 +41,5 @@ def tiny_lesion_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small deep MLP (hidden 16) pretrained for a few steps on Gompertz growth of single lesions."""
     from datamodules.lesion_abstract import AbstractLesionDataModule
 
-    dm = AbstractLesionDataModule(num_train=512, num_val=32, num_test=32, batch_size=64)
+    dm = AbstractLesionDataModule(num_train=512, num_val=32, num_test=32, loader={"batch_size": 64})
     return _tiny_artifact(dm, "mlp", tmp_path_factory.mktemp("lesion_artifact") / "processor.pt")

@@ -17,7 +17,7 @@ TINY_PRETRAIN = [
     "--data.init_args.num_val=32",
     "--data.init_args.num_test=32",
     "--data.init_args.num_graphs=8",
-    "--data.init_args.batch_size=32",
+    "--data.init_args.loader.batch_size=32",
     "--model.init_args.hidden_dim=16",
 ]
 
@@ -36,11 +36,11 @@ def tiny_natural(artifact: Path) -> list[str]:
     return [
         *tiny_model(artifact),
         "--data.init_args.spacing=8",
-        "--data.init_args.train_pool=4",
-        "--data.init_args.train_size=4",
-        "--data.init_args.num_val=2",
-        "--data.init_args.num_test=2",
-        "--data.init_args.batch_size=2",
+        "--data.init_args.split.train_pool=4",
+        "--data.init_args.split.train_size=4",
+        "--data.init_args.split.num_val=2",
+        "--data.init_args.split.num_test=2",
+        "--data.init_args.loader.batch_size=2",
     ]
 
 
@@ -48,15 +48,15 @@ def tiny_lesion(artifact: Path) -> list[str]:
     """Overrides that make the lesion config run on a few small subjects."""
     return [
         *tiny_model(artifact),
-        "--data.init_args.train_pool=6",
-        "--data.init_args.train_size=6",
-        "--data.init_args.num_val=2",
-        "--data.init_args.num_test=2",
-        "--data.init_args.batch_size=2",
+        "--data.init_args.split.train_pool=6",
+        "--data.init_args.split.train_size=6",
+        "--data.init_args.split.num_val=2",
+        "--data.init_args.split.num_test=2",
+        "--data.init_args.loader.batch_size=2",
         "--data.init_args.size=24",
         "--data.init_args.patch_size=16",
         "--data.init_args.roi_mm=5",
-        "--data.init_args.diameter_mm=[4,8]",
+        "--data.init_args.nodules.diameter_mm=[4,8]",
     ]
 
 

@@ -10,7 +10,9 @@ from datamodules.graphs import GENERATORS, random_graph
 
 
 def _dm(seed: int = 0) -> AbstractGraphDataModule:
-    return AbstractGraphDataModule(num_train=200, num_val=40, num_test=40, num_graphs=20, batch_size=16, seed=seed)
+    return AbstractGraphDataModule(
+        num_train=200, num_val=40, num_test=40, num_graphs=20, loader={"batch_size": 16}, seed=seed
+    )
 
 
 def test_same_seed_same_data_other_seed_other_data() -> None:

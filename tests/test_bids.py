@@ -204,7 +204,7 @@ def test_manifest_passes_check_and_trains_with_the_natural_config(
             *tiny_model(tiny_artifact),
             "--data.init_args.spacing=8",
             "--data.init_args.shape=[24,28,24]",
-            "--data.init_args.batch_size=2",
+            "--data.init_args.loader.batch_size=2",
             "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.max_steps=2",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torchio as tio
 import yaml
 
 from datamodules.brain_phantom import BrainPhantomDataModule
+from datamodules.configs import LoaderConfig, SplitConfig
 from rmr_lightning.cli import cli_main
 from rmr_lightning.connectome import load_dk84
 from rmr_lightning.finetuning import NaturalFinetuning
@@ -183,6 +185,16 @@ def test_natural_config_fast_dev_run(config: str, tiny_artifact: Path, tmp_path:
         ]
     )
     assert cli.trainer.global_step == 1
+    # grouped arguments: the config's YAML mappings merged with the dotted overrides and the defaults
+    dm = cli.datamodule
+    assert dm.split == SplitConfig(train_pool=4, train_size=4, subset_seed=0, num_val=2, num_test=2)
+    assert dm.loader == LoaderConfig(batch_size=2, num_workers=0)
+    assert dm.disease.cohort_params == {"gamma": 0.15} and tuple(dm.disease.horizon) == (1.0, 4.0)
+    # a checkpoint holds them as plain dicts, readable with weights_only=True
+    cli.trainer.save_checkpoint(tmp_path / "grouped.ckpt")
+    saved = torch.load(tmp_path / "grouped.ckpt", weights_only=True)["datamodule_hyper_parameters"]
+    assert saved["split"] == asdict(dm.split) and saved["loader"] == {"batch_size": 2, "num_workers": 0}
+    assert saved["disease"]["cohort_params"] == {"gamma": 0.15}
 
 
 def test_test_and_predict_in_a_new_process_find_the_best_checkpoint_of_the_fit(
@@ -286,7 +298,7 @@ def test_a_processor_of_another_algorithm_with_the_same_parameters_warns(tiny_ar
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Scans of an 8 mm phantom cohort written as NIfTI files, listed in a CSV as a user would."""
-    dm = BrainPhantomDataModule(spacing=8, train_pool=6, num_val=1, num_test=1)
+    dm = BrainPhantomDataModule(spacing=8, split={"train_pool": 6, "num_val": 1, "num_test": 1})
     cohort, _ = dm._load_or_generate()
     folder = tmp_path_factory.mktemp("scans")
     names = load_dk84()[1]
@@ -323,7 +335,7 @@ def test_manifest_config_fits_and_predicts_with_a_readout(manifest: Path, tiny_a
         f"--model.init_args.processor_artifact={tiny_artifact}",
         "--data.init_args.spacing=8",
         "--data.init_args.shape=[24,28,24]",
-        "--data.init_args.batch_size=2",
+        "--data.init_args.loader.batch_size=2",
         "--model.init_args.encoder.init_args.widths=[2,4,4]",
         "--model.init_args.encoder.init_args.out_channels=4",
         "--trainer.logger=false",
@@ -345,7 +357,7 @@ def test_manifest_config_fits_and_predicts_with_a_readout(manifest: Path, tiny_a
 
 
 def test_the_study_runs_on_a_manifest_of_scans(manifest: Path, tiny_artifact: Path, tmp_path: Path) -> None:
-    """configs/study/manifest.yaml: each run trains on train_size subjects of the manifest's training split."""
+    """configs/study/manifest.yaml: each run trains on split.train_size subjects of the manifest's training split."""
     study = parse_study(
         [
             "--config",
@@ -363,7 +375,7 @@ def test_the_study_runs_on_a_manifest_of_scans(manifest: Path, tiny_artifact: Pa
         f"--model.init_args.processor_artifact={tiny_artifact}",
         "--data.init_args.spacing=8",
         "--data.init_args.shape=[24,28,24]",
-        "--data.init_args.batch_size=2",
+        "--data.init_args.loader.batch_size=2",
         "--model.init_args.encoder.init_args.widths=[2,4,4]",
         "--model.init_args.encoder.init_args.out_channels=4",
         "--trainer.max_steps=2",
@@ -379,7 +391,7 @@ def test_the_study_runs_on_a_manifest_of_scans(manifest: Path, tiny_artifact: Pa
         yaml.safe_load(p.read_text())
         for p in sorted((tmp_path / "study" / "runs").glob("rmr_n*_seed0/checkpoints/config.yaml"))
     ]
-    assert [c["data"]["init_args"]["train_size"] for c in saved] == [2, 4]
+    assert [c["data"]["init_args"]["split"]["train_size"] for c in saved] == [2, 4]
 
 
 def test_cli_with_args_ignores_and_keeps_the_callers_argv(

@@ -26,7 +26,7 @@ def test_natural_ddp_ranks_see_disjoint_subjects(tiny_artifact: Path, tmp_path: 
         "--config",
         "configs/natural/brain_mri.yaml",
         *tiny_natural(tiny_artifact),
-        "--data.init_args.batch_size=1",
+        "--data.init_args.loader.batch_size=1",
         "--trainer.max_epochs=2",
         "--trainer.max_steps=-1",
         "--trainer.val_check_interval=null",

@@ -20,7 +20,9 @@ from rmr_lightning.natural import POLICIES, target_statistics
 @pytest.fixture(scope="module")
 def phantoms() -> BrainPhantomDataModule:
     """A tiny cohort at 8 mm (grid ~20 x 25 x 22), rendered once per module."""
-    dm = BrainPhantomDataModule(spacing=8, train_pool=6, train_size=4, num_val=2, num_test=2, batch_size=2)
+    dm = BrainPhantomDataModule(
+        spacing=8, split={"train_pool": 6, "train_size": 4, "num_val": 2, "num_test": 2}, loader={"batch_size": 2}
+    )
     dm.prepare_data()
     return dm
 

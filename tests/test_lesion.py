@@ -24,12 +24,17 @@ from rmr_lightning.cli import cli_main
 from tests.helpers import REPO, rmr, subprocess_env, tiny_lesion, tiny_model
 
 SMALL = dict(
-    train_pool=6, num_val=2, num_test=2, size=24, patch_size=16, roi_mm=5.0, diameter_mm=(4.0, 8.0), batch_size=2
+    split={"train_pool": 6, "num_val": 2, "num_test": 2},
+    nodules={"diameter_mm": (4.0, 8.0)},
+    size=24,
+    patch_size=16,
+    roi_mm=5.0,
+    loader={"batch_size": 2},
 )
 
 
 def test_abstract_lesions_are_single_nodes_following_gompertz():
-    dm = AbstractLesionDataModule(num_train=64, num_val=8, num_test=8, batch_size=16)
+    dm = AbstractLesionDataModule(num_train=64, num_val=8, num_test=8, loader={"batch_size": 16})
     dm.setup("fit")
     b = next(iter(dm.train_dataloader()))
     assert b.edge_index.shape == (2, 0) and b.x.shape == (16,) and torch.equal(b.batch, torch.arange(16))
@@ -70,7 +75,9 @@ def test_rendered_nodule_has_the_density_of_its_type(kind: int):
 
 
 def test_queue_streams_lesion_centred_patches_of_training_subjects(tmp_path: Path):
-    dm = LesionCTDataModule(**SMALL, train_size=4, samples_per_volume=3, cache_dir=str(tmp_path))
+    dm = LesionCTDataModule(
+        **(SMALL | {"split": {**SMALL["split"], "train_size": 4}}), samples_per_volume=3, cache_dir=str(tmp_path)
+    )
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert isinstance(loader.sampler, DistributedSampler)  # Lightning leaves it in place under DDP
@@ -313,9 +320,9 @@ def test_exported_nodule_files_give_the_phantom_patches_and_fine_tune_through_th
         [
             *config,
             *tiny_model(tiny_lesion_artifact),
-            "--data.init_args.val_fraction=0.25",
-            "--data.init_args.test_fraction=0.25",
-            "--data.init_args.batch_size=2",
+            "--data.init_args.split.val_fraction=0.25",
+            "--data.init_args.split.test_fraction=0.25",
+            "--data.init_args.loader.batch_size=2",
             "--trainer.max_steps=2",
             "--trainer.val_check_interval=2",
             "--trainer.logger=false",
@@ -329,7 +336,7 @@ def test_exported_nodule_files_give_the_phantom_patches_and_fine_tune_through_th
     # the file path sees the phantom's voxels (same lung window), centred on the ROI to within one voxel
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
-    phantoms = LesionCTDataModule(train_pool=8, num_val=0, num_test=0, cache_dir=str(tmp_path))
+    phantoms = LesionCTDataModule(split={"train_pool": 8, "num_val": 0, "num_test": 0}, cache_dir=str(tmp_path))
     phantoms.setup()
     volumes = _LesionSubjects(phantoms.cohort, list(range(8)), phantoms.intensity())
     for k, sid in enumerate(batch.subject_ids):

@@ -20,13 +20,14 @@ import torchio as tio
 from jsonargparse import ArgumentParser
 
 import datamodules.manifest as manifest_module
-from datamodules.manifest import ManifestDataModule, ManifestError
+from datamodules.configs import LoaderConfig
+from datamodules.manifest import ManifestDataModule, ManifestError, ManifestSplitConfig
 from datamodules.scan_cache import ScanCache
 from datamodules.scans import ScanBatch
 
 REGIONS = ["reg_a", "reg_b", "reg_c"]
 BASELINES = ["base_a", "base_b", "base_c"]
-SMALL = {"target_columns": REGIONS, "spacing": 4.0, "shape": (6, 6, 4), "batch_size": 2}
+SMALL = {"columns": {"targets": REGIONS}, "spacing": 4.0, "shape": (6, 6, 4), "loader": {"batch_size": 2}}
 GRID = (12, 10, 8)  # voxels of the synthetic scans, 2 mm isotropic
 AFFINE = np.array([[2.0, 0, 0, -12], [0, 2.0, 0, -10], [0, 0, 2.0, -8], [0, 0, 0, 1]])
 
@@ -136,19 +137,29 @@ def test_defaults_are_the_dk84_regions_and_parse_from_the_cli():
     assert dm.num_regions == 84 and len(dm.region_names) == 84
     assert dm.region_names[0] == "Bankssts_L"
     assert dm.covariate_names == ["age", "horizon"]
+    assert dm.split == ManifestSplitConfig() and dm.loader == LoaderConfig(batch_size=4)
     parser = ArgumentParser()
     parser.add_class_arguments(ManifestDataModule, "data")
-    cfg = parser.parse_args(["--data.manifest=m.csv", "--data.shape=[8, 8, 8]", "--data.target_columns=[a, b]"])
-    assert tuple(cfg.data.shape) == (8, 8, 8) and cfg.data.target_columns == ["a", "b"]
+    cfg = parser.parse_args(
+        ["--data.manifest=m.csv", "--data.shape=[8, 8, 8]", "--data.columns.targets=[a, b]", "--data.split.seed=3"]
+    )
+    assert tuple(cfg.data.shape) == (8, 8, 8) and cfg.data.columns.targets == ["a", "b"]
+    assert cfg.data.split.seed == 3 and cfg.data.split.val_fraction == 0.2 and cfg.data.loader.batch_size == 4
+    grouped = ManifestDataModule("m.csv", columns={"targets": ["a", "b"]}, split={"seed": 3}, loader={"num_workers": 1})
+    assert grouped.region_names == ["a", "b"] and grouped.covariate_names == ["age", "horizon"]
+    assert grouped.split.seed == 3 and grouped.loader == LoaderConfig(batch_size=4, num_workers=1)
+    assert grouped.hparams.split == dataclasses.asdict(grouped.split) and grouped.hparams.loader["num_workers"] == 1
+    with pytest.raises(TypeError, match="no field"):
+        ManifestDataModule("m.csv", split={"train_pool": 4})
 
 
 def test_bad_configuration_fails_at_construction():
-    with pytest.raises(ValueError, match="baseline_columns"):
-        ManifestDataModule("m.csv", target_columns=REGIONS, baseline_columns=BASELINES[:2])
+    with pytest.raises(ValueError, match="columns.baselines"):
+        ManifestDataModule("m.csv", columns={"targets": REGIONS, "baselines": BASELINES[:2]})
     with pytest.raises(ValueError, match="modality"):
         ManifestDataModule("m.csv", modality="pet")
     with pytest.raises(ValueError, match="val_fraction"):
-        ManifestDataModule("m.csv", val_fraction=0.6, test_fraction=0.5)
+        ManifestDataModule("m.csv", split={"val_fraction": 0.6, "test_fraction": 0.5})
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -182,7 +193,8 @@ def test_targets_follow_the_csv_and_nan_where_unknown(cohort, with_baseline):
     rows[3] |= dict.fromkeys(REGIONS, "")  # no follow-up at all: predict only
     baselines = BASELINES if with_baseline else None
     drop = () if with_baseline else tuple(BASELINES)
-    dm = ManifestDataModule(str(write_manifest(folder / "m.csv", rows, drop)), baseline_columns=baselines, **SMALL)
+    columns = {"targets": REGIONS, "baselines": baselines}
+    dm = ManifestDataModule(str(write_manifest(folder / "m.csv", rows, drop)), **(SMALL | {"columns": columns}))
     dm.setup("fit")
     assert "sub-03" not in dm.splits["train"] + dm.splits["val"] + dm.splits["test"]
     assert sorted(dm.splits["predict"]) == [r["subject_id"] for r in rows]
@@ -245,7 +257,7 @@ def test_splits_are_disjoint_seeded_and_stable(cohort, monkeypatch):
     monkeypatch.setattr(manifest_module, "read_manifest", lambda *a, **k: reads.append(a) or original(*a, **k))
 
     def splits(seed: int) -> dict[str, list[str]]:
-        dm = ManifestDataModule(manifest, seed=seed, **SMALL)
+        dm = ManifestDataModule(manifest, split={"seed": seed}, **SMALL)
         dm.setup("fit")
         return {name: sorted(ids) for name, ids in dm.splits.items()}
 
@@ -295,7 +307,7 @@ def test_train_size_draws_a_seeded_subset_of_the_training_split_only(cohort):
     manifest = str(write_manifest(folder / "m.csv", rows))
 
     def splits(**kwargs) -> dict[str, list[str]]:
-        dm = ManifestDataModule(manifest, **SMALL, **kwargs)
+        dm = ManifestDataModule(manifest, split=kwargs, **SMALL)
         dm.setup("fit")
         return {name: sorted(ids) for name, ids in dm.splits.items()}
 
@@ -318,7 +330,7 @@ def test_scans_are_preprocessed_once_across_runs_and_again_when_a_file_changes(c
         ScanCache, "build", lambda self, source: builds.append(source.image.name) or original(self, source)
     )
     manifest = str(write_manifest(folder / "m.csv", rows))
-    settings = {"val_fraction": 0, "test_fraction": 0, "cache_dir": str(tmp_path / "cache"), **SMALL}
+    settings = {"split": {"val_fraction": 0, "test_fraction": 0}, "cache_dir": str(tmp_path / "cache"), **SMALL}
     epochs = []
     for _ in range(2):  # two runs with the same settings: the second reads the cache only
         dm = ManifestDataModule(manifest, **settings)
@@ -444,7 +456,7 @@ def test_subject_id_equal_to_a_dicom_identifier_is_refused_without_echoing_it(tm
 
 
 def test_training_batches_are_augmented_reproducibly_and_others_are_not(cohort):
-    """A gain and noise per subject on training batches, seeded by subset_seed and step; none otherwise."""
+    """A gain and noise per subject on training batches, seeded by split.subset_seed and step; none otherwise."""
     folder, rows = cohort(5)
     dm = ManifestDataModule(str(write_manifest(folder / "manifest.csv", rows)), **SMALL)
     dm.setup("fit")

@@ -50,7 +50,9 @@ def test_cached_preprocessing_equals_preprocessing_each_subject(tmp_path) -> Non
     from datamodules.brain_phantom import BrainPhantomDataModule
     from datamodules.scans import preprocessing
 
-    dm = BrainPhantomDataModule(modality="ct", spacing=8, train_pool=3, num_val=1, num_test=1, cache_dir=str(tmp_path))
+    dm = BrainPhantomDataModule(
+        modality="ct", spacing=8, split={"train_pool": 3, "num_val": 1, "num_test": 1}, cache_dir=str(tmp_path)
+    )
     dm.setup("fit")
     assert len(list(tmp_path.glob("phantom_ct_8mm_*_prep_*.pt"))) == 1
     cohort = dm.cohort
@@ -67,7 +69,7 @@ def test_cached_preprocessing_equals_preprocessing_each_subject(tmp_path) -> Non
         assert torch.equal(got["label_map"].data, expected["label_map"].data)
         assert np.allclose(got["image"].affine, expected["image"].affine)
     again = BrainPhantomDataModule(
-        modality="ct", spacing=8, train_pool=3, num_val=1, num_test=1, cache_dir=str(tmp_path)
+        modality="ct", spacing=8, split={"train_pool": 3, "num_val": 1, "num_test": 1}, cache_dir=str(tmp_path)
     )
     again.setup("fit")  # from both caches
     assert torch.equal(again.datasets["val"][0]["image"].data, dm.datasets["val"][0]["image"].data)
@@ -94,3 +96,27 @@ def test_preprocessing_cache_key_ignores_memory_addresses() -> None:
     assert transform_key(preprocessing(4, (45, 54, 45), "ct")) != transform_key(
         preprocessing(4, (45, 54, 45), "ct", (-20.0, 100.0))
     )
+
+
+def test_grouped_arguments_keep_the_cache_keys_of_the_flat_ones() -> None:
+    """Grouping the datamodules' arguments (split, disease, nodules, loader) renamed no cache file: the keys
+    are those the flat arguments gave (values from the code before the grouping), so the same settings find
+    the same rendered cohort, and settings that do not change the data (training subset, loader) stay out."""
+    from datamodules.brain_phantom import BrainPhantomDataModule
+    from datamodules.lesion_ct import LesionCTDataModule
+
+    phantoms = BrainPhantomDataModule(
+        spacing=6,
+        modality="ct",
+        split={"train_pool": 64, "train_size": 8, "subset_seed": 3},
+        disease={"stage": (2.0, 6.0)},
+        loader={"batch_size": 2},
+    )
+    assert phantoms._key("abc") == "c6cfee037f81297e"
+    lesions = LesionCTDataModule(
+        split={"train_pool": 16, "num_val": 4, "num_test": 4, "train_size": 3},
+        nodules={"rho": 0.2},
+        loader={"batch_size": 2},
+        cache_dir="/x",
+    )
+    assert lesions._cache_path().name == "lesion_ct_149aa77722ce1643.pt"

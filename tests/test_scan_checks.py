@@ -20,7 +20,7 @@ from tests.test_manifest import GRID, SMALL, slab_labels, synthetic_row, write_m
 
 
 def _settings(tmp_path: Path, **extra) -> dict:
-    return SMALL | {"cache_dir": str(tmp_path / "cache"), "val_fraction": 0, "test_fraction": 0} | extra
+    return SMALL | {"cache_dir": str(tmp_path / "cache"), "split": {"val_fraction": 0, "test_fraction": 0}} | extra
 
 
 # ---- one spoiler per class of bad input: (column, expected words) -------------------------------------
@@ -222,7 +222,7 @@ def test_a_manifest_of_freesurfer_label_maps_trains_on_dk84_regions(tmp_path):
             | {n: 0.1 for n in names}
         )
     dm = ManifestDataModule(
-        str(write_manifest(folder / "m.csv", rows)), **(_settings(tmp_path) | {"target_columns": None})
+        str(write_manifest(folder / "m.csv", rows)), **(_settings(tmp_path) | {"columns": {"targets": None}})
     )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -241,7 +241,7 @@ def test_rmr_data_check_prints_one_line_per_bad_subject_and_exits_nonzero(tmp_pa
     rows = [synthetic_row(folder, i) for i in range(5)]
     manifest = write_manifest(folder / "m.csv", rows)
     flags = [
-        "--target_columns",
+        "--columns.targets",
         "[reg_a, reg_b, reg_c]",
         "--spacing",
         "4",
@@ -265,3 +265,22 @@ def test_rmr_data_check_prints_one_line_per_bad_subject_and_exits_nonzero(tmp_pa
         rows[1]["image"],
         rows[3]["label_map"],
     ]
+
+
+def test_rmr_data_check_merges_grouped_flags_into_the_configs_groups():
+    """``--columns.targets`` and the like change one field of a group the config sets; a mapping merges too."""
+    import argparse
+
+    from datamodules.check import _options, add_arguments
+    from tests.helpers import REPO
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = str(REPO / "configs" / "natural" / "manifest.yaml")
+    flags = ["--columns.targets", "[a, b]", "--split", "{seed: 2}", "--loader.num_workers", "3", "--spacing", "8"]
+    options = _options(parser.parse_args(["m.csv", "--config", config, *flags]))
+    assert options["columns"] == {"covariates": ["age", "horizon"], "label_scheme": "dk84", "targets": ["a", "b"]}
+    assert options["split"] == {"val_fraction": 0.2, "test_fraction": 0.2, "seed": 2}
+    assert options["loader"] == {"batch_size": 4, "num_workers": 3} and options["spacing"] == 8
+    dm = ManifestDataModule(**(options | {"manifest": "m.csv"}))
+    assert dm.region_names == ["a", "b"] and dm.split.seed == 2 and dm.loader.num_workers == 3

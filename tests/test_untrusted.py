@@ -221,7 +221,7 @@ def _manifest_args(manifest: Path, root: Path, artifact: Path, **data: str) -> l
         f"--data.init_args.manifest={manifest}",
         "--data.init_args.spacing=4",
         "--data.init_args.shape=[6,6,4]",
-        "--data.init_args.batch_size=2",
+        "--data.init_args.loader.batch_size=2",
         *[f"--data.init_args.{k}={v}" for k, v in data.items()],
         f"--trainer.default_root_dir={root}",
         f"--trainer.logger={json.dumps(loggers)}",
@@ -251,8 +251,7 @@ def test_no_identifier_reaches_any_file_of_a_failed_or_a_successful_run(tiny_art
         tiny_artifact,
         cache_dir=str(cache),
         on_bad_subject="skip",
-        val_fraction="0.3",
-        test_fraction="0.3",
+        **{"split.val_fraction": "0.3", "split.test_fraction": "0.3"},
     )
     fit = rmr(["fit", *args, "--trainer.max_steps=3", "--trainer.val_check_interval=1"])
     assert fit.returncode == 0, fit.stderr[-3000:]

@@ -19,6 +19,7 @@ DDP = [
 ]
 
 
+@pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 def test_natural_ddp_ranks_see_disjoint_subjects(tiny_artifact: Path, tmp_path: Path) -> None:
     probe = {"class_path": "ddp_probe.RecordSubjects", "init_args": {"dirpath": str(tmp_path / "seen")}}
     args = [
@@ -47,6 +48,7 @@ def test_natural_ddp_ranks_see_disjoint_subjects(tiny_artifact: Path, tmp_path: 
         assert len(a | b) == 4  # together they cover the training set
 
 
+@pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 def test_pretraining_ddp_completes_and_rank_zero_writes_the_artifact(tmp_path: Path) -> None:
     callbacks = [
         {"class_path": "rmr_lightning.callbacks.PretrainingArtifacts", "init_args": {"dirpath": str(tmp_path)}}

@@ -146,6 +146,7 @@ def test_lesion_finetuning_keeps_the_frozen_mlp_and_estimates_the_rate_per_subje
         )
 
 
+@pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 def test_lesion_ddp_ranks_read_disjoint_subjects_from_their_queues(tiny_lesion_artifact: Path, tmp_path: Path):
     probe = {"class_path": "ddp_probe.RecordSubjects", "init_args": {"dirpath": str(tmp_path / "seen")}}
     args = [
@@ -294,6 +295,7 @@ def test_queue_epochs_reproduce_after_a_resume(tiny_lesion_artifact: Path, tmp_p
     )  # the third epoch did train
 
 
+@pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 def test_exported_nodule_files_give_the_phantom_patches_and_fine_tune_through_the_manifest(
     tiny_lesion_artifact: Path, tmp_path: Path
 ) -> None:

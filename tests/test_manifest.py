@@ -285,7 +285,7 @@ def test_a_split_column_fixes_the_split_and_is_validated(cohort):
     roles = ["train", "train", "val", "test", "train", "test"]
     manifest = write_manifest(folder / "given.csv", [r | {"split": s} for r, s in zip(rows, roles, strict=True)])
     for seed in (0, 1):  # the seed and the fractions no longer choose
-        dm = ManifestDataModule(str(manifest), seed=seed, **SMALL)
+        dm = ManifestDataModule(str(manifest), split={"seed": seed}, **SMALL)
         dm.setup("fit")
         assert {k: sorted(v) for k, v in dm.splits.items() if k != "predict"} == {
             "train": ["sub-00", "sub-01", "sub-04"],

@@ -173,7 +173,7 @@ def test_the_dataset_is_the_phantom_routes_cohort_in_the_same_roles(tmp_path):
 
     truth = write_dataset(tmp_path / "bids", 10, SPACING, seed=SEED, progress=False)
     route = BrainPhantomDataModule(
-        spacing=SPACING, train_pool=4, num_val=2, num_test=4, seed=SEED, cache_dir=str(tmp_path / "c")
+        spacing=SPACING, split={"train_pool": 4, "num_val": 2, "num_test": 4}, seed=SEED, cache_dir=str(tmp_path / "c")
     )
     cohort, _ = route._load_or_generate()
     participants = pd.read_csv(tmp_path / "bids" / "participants.tsv", sep="\t")

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO, TINY_PRETRAIN, rmr, subprocess_env
 
 
@@ -65,6 +67,7 @@ def _wait_for_orphaned_wandb_service(pid: int, timeout: float = 60.0) -> None:
     raise AssertionError(f"W&B service of killed process {pid} still running after {timeout} s")
 
 
+@pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 def test_same_seed_same_metrics(tmp_path: Path) -> None:
     finals = []
     for name in ("a", "b"):
@@ -74,6 +77,7 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     assert finals[0] == finals[1]
 
 
+@pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 def test_killed_fit_resumes_to_the_same_result_and_wandb_run(tmp_path: Path) -> None:
     epochs = 12
     reference = rmr(_args(tmp_path / "ref", epochs))

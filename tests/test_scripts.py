@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO, subprocess_env
 
 
@@ -16,6 +18,7 @@ def _check(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 def test_processor_check_reports_its_accuracy_on_cohort_states(tiny_artifact: Path) -> None:
     result = _check("--artifact", str(tiny_artifact))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -23,6 +26,7 @@ def test_processor_check_reports_its_accuracy_on_cohort_states(tiny_artifact: Pa
     assert r2 < 1.0 and "regions below 0.01" in result.stdout
 
 
+@pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 def test_processor_check_refuses_an_artifact_of_another_algorithm(tiny_artifact: Path) -> None:
     result = _check("--artifact", str(tiny_artifact), "--algorithm", "fkpp")
     assert result.returncode != 0 and "was pretrained with parameters ['gamma', 't']" in result.stderr

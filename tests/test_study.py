@@ -24,6 +24,7 @@ from rmr_lightning.study import (
 from tests.helpers import tiny_natural, tiny_study
 
 
+@pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 def test_study_writes_summary_plot_and_resumes(
     tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -147,6 +148,7 @@ def test_parse_study_reads_yaml_and_flags() -> None:
         parse_study(["--no_such_field=1"])
 
 
+@pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 def test_parallel_workers_give_the_runs_of_a_sequential_study(tiny_artifact: Path, tmp_path: Path) -> None:
     frames = {}
     for workers in (1, 2):

@@ -39,6 +39,7 @@ def expand(sweep: dict, values: dict) -> list[str]:
     return expanded
 
 
+@pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 @pytest.mark.parametrize("name", ["pretrain", "natural"])
 def test_sweep_command_runs_with_fast_dev_run(name: str, tiny_artifact: Path, tmp_path: Path) -> None:
     sweep = yaml.safe_load((REPO / "configs" / "sweeps" / f"{name}.yaml").read_text())

@@ -233,6 +233,7 @@ def _files_holding(root: Path, text: str) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and text.lower().encode() in p.read_bytes().lower()]
 
 
+@pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 def test_no_identifier_reaches_any_file_of_a_failed_or_a_successful_run(tiny_artifact: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     # failed: the NaN scan is an error; the console names it in full, and no run folder appears

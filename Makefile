@@ -45,7 +45,7 @@ demo: env
 lint: env
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-# The full suite as CI runs it (slow tests included: ~6 min on 2 cores); test-fast skips the slow ones.
+# The full suite as CI runs it (slow tests included: ~6 min on 2 cores); test-fast skips the slow ones (~80 s).
 test: env
 	$(BIN)/python -m pytest -m "not gpu"
 

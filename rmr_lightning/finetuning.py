@@ -30,11 +30,10 @@ from rmr_lightning.natural import (
     ReadoutConfig,
     StateHeadConfig,
     Variant,
-    as_config,
-    plain,
 )
 from rmr_lightning.optim import configure_optimizers
 from rmr_lightning.protocols import HasAlgorithm, HasTrainTable
+from rmr_lightning.typed_config import as_config, plain
 
 #: Pretraining validation R^2 of the change below which a frozen P is warned about (docs/results/imperfect_p.md).
 MIN_FROZEN_R2 = 0.95

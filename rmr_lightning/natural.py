@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields, is_dataclass
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -115,28 +115,6 @@ class GraphConfig:
 
     connectome: Literal["dk84", "isolated"] = "dk84"
     region_names: list[str] | None = None
-
-
-Config = TypeVar("Config")
-
-
-def as_config(kind: type[Config], value: Config | dict[str, Any] | None) -> Config:
-    """A typed config from itself, a plain dict (YAML, checkpoint hyperparameters) or None (defaults)."""
-    if value is None:
-        return kind()
-    if isinstance(value, kind):
-        return value
-    if isinstance(value, dict):
-        unknown = set(value) - {f.name for f in fields(kind)}
-        if unknown:
-            raise TypeError(f"{kind.__name__} has no field(s) {sorted(unknown)}")
-        return kind(**value)
-    raise TypeError(f"expected {kind.__name__} or a dict, got {type(value).__name__}")
-
-
-def plain(value: Any) -> Any:
-    """A dataclass config as a dict (what hyperparameters and checkpoints hold); anything else as is."""
-    return asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
 
 
 def freeze(module: nn.Module) -> nn.Module:

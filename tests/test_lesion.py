@@ -33,6 +33,21 @@ SMALL = dict(
 )
 
 
+def _lesion_model(artifact: Path, head: dict | None = None, **kwargs):
+    """The lesion task's natural model at test size: one isolated node, the rate estimated per scan."""
+    from rmr_lightning.encoders import RegionCNN
+    from rmr_lightning.finetuning import NaturalFinetuning
+
+    return NaturalFinetuning(
+        str(artifact),
+        graph={"connectome": "isolated"},
+        covariate_names=["horizon"],
+        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
+        head={"region_centring": False, "subject_params": ["r"], **(head or {})},
+        **kwargs,
+    )
+
+
 def test_abstract_lesions_are_single_nodes_following_gompertz():
     dm = AbstractLesionDataModule(num_train=64, num_val=8, num_test=8, loader={"batch_size": 16})
     dm.setup("fit")
@@ -110,18 +125,10 @@ def test_lesion_finetuning_keeps_the_frozen_mlp_and_estimates_the_rate_per_subje
 ):
     import lightning as L
 
-    from rmr_lightning.encoders import RegionCNN
     from rmr_lightning.finetuning import NaturalFinetuning
 
     dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
-    model = NaturalFinetuning(
-        str(tiny_lesion_artifact),
-        graph={"connectome": "isolated"},
-        covariate_names=["horizon"],
-        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
-        head={"region_centring": False, "state_init": 0.3, "subject_params": ["r"]},
-        readout={"state_unit": 4.18879},
-    )
+    model = _lesion_model(tiny_lesion_artifact, head={"state_init": 0.3}, readout={"state_unit": 4.18879})
     before = {k: v.clone() for k, v in model.model.processor.state_dict().items()}
     head = model.model.param_head[0].weight.clone()
     L.Trainer(
@@ -186,19 +193,10 @@ def test_calibrated_change_starts_from_p_alone_or_from_the_mean(
     tiny_lesion_artifact: Path, tmp_path: Path, from_mean: bool
 ):
     """``change_from_mean=False``: at the start the predicted change is exactly P's change times the gain."""
-    from rmr_lightning.encoders import RegionCNN
-    from rmr_lightning.finetuning import NaturalFinetuning
 
     dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
     dm.setup("fit")
-    model = NaturalFinetuning(
-        str(tiny_lesion_artifact),
-        graph={"connectome": "isolated"},
-        covariate_names=["horizon"],
-        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
-        head={"region_centring": False, "subject_params": ["r"]},
-        readout={"state_unit": 4.0, "change_from_mean": from_mean},
-    ).eval()
+    model = _lesion_model(tiny_lesion_artifact, readout={"state_unit": 4.0, "change_from_mean": from_mean}).eval()
     model.model.target_mean.fill_(5.0)
     b = next(iter(dm.val_dataloader()))
     with torch.no_grad():
@@ -212,8 +210,6 @@ def test_calibrated_change_starts_from_p_alone_or_from_the_mean(
 
 def test_log_ratio_loss_adds_the_squared_error_of_log_growth(tiny_lesion_artifact: Path, tmp_path: Path):
     """``log_ratio_weight``: loss + w * mean (log(V1/V0)_pred - log(V1/V0)_true)^2 over positive targets."""
-    from rmr_lightning.encoders import RegionCNN
-    from rmr_lightning.finetuning import NaturalFinetuning
 
     dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
     dm.setup("fit")
@@ -221,14 +217,7 @@ def test_log_ratio_loss_adds_the_squared_error_of_log_growth(tiny_lesion_artifac
     losses = []
     for weight in (0.0, 2.0):
         torch.manual_seed(0)
-        model = NaturalFinetuning(
-            str(tiny_lesion_artifact),
-            graph={"connectome": "isolated"},
-            covariate_names=["horizon"],
-            encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
-            head={"region_centring": False, "subject_params": ["r"]},
-            loss={"log_ratio_weight": weight},
-        ).eval()
+        model = _lesion_model(tiny_lesion_artifact, loss={"log_ratio_weight": weight}).eval()
         with torch.no_grad():
             loss, out = model.model_step(b)
         losses.append(loss)
@@ -248,18 +237,9 @@ def _lesion_fit(
         def on_train_epoch_end(self, trainer, pl_module):
             trainer.should_stop = stop_after is not None and trainer.current_epoch + 1 >= stop_after
 
-    from rmr_lightning.encoders import RegionCNN
-    from rmr_lightning.finetuning import NaturalFinetuning
-
     L.seed_everything(0)
     dm = LesionCTDataModule(**SMALL, cache_dir=str(cache))
-    model = NaturalFinetuning(
-        str(artifact),
-        graph={"connectome": "isolated"},
-        covariate_names=["horizon"],
-        encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
-        head={"region_centring": False, "subject_params": ["r"]},
-    )
+    model = _lesion_model(artifact)
     checkpoint = ModelCheckpoint(dirpath=root, save_top_k=-1, every_n_epochs=1, save_last=True)
     trainer = L.Trainer(
         max_epochs=epochs,

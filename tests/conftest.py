@@ -43,3 +43,38 @@ def tiny_lesion_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     dm = AbstractLesionDataModule(num_train=512, num_val=32, num_test=32, loader={"batch_size": 64})
     return _tiny_artifact(dm, "mlp", tmp_path_factory.mktemp("lesion_artifact") / "processor.pt")
+
+
+@pytest.fixture(scope="session")
+def phantom_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight 8 mm brain phantoms written as NIfTI scans and DK84 label maps, listed in a CSV as a user would
+    (follow-up values only; the datamodule splits them 4/2/2 by default)."""
+    import csv
+
+    import torch
+    import torchio as tio
+
+    from datamodules.brain_phantom import BrainPhantomDataModule
+    from rmr_lightning.connectome import load_dk84
+
+    dm = BrainPhantomDataModule(spacing=8, split={"train_pool": 6, "num_val": 1, "num_test": 1})
+    cohort, _ = dm._load_or_generate()
+    folder = tmp_path_factory.mktemp("scans")
+    names = load_dk84()[1]
+    rows = []
+    for i in range(8):
+        image, labels = folder / f"sub-{i:02d}_T1w.nii.gz", folder / f"sub-{i:02d}_dseg.nii.gz"
+        tio.ScalarImage(tensor=cohort["image"][i], affine=cohort["affine"].numpy()).save(image)
+        tio.LabelMap(tensor=cohort["labels"][i].long(), affine=cohort["affine"].numpy()).save(labels)
+        age, horizon = cohort["covariates"][i].tolist()
+        row = {"subject_id": f"sub-{i:02d}", "image": image.name, "label_map": labels.name, "age": age}
+        row["horizon"] = horizon
+        followup = cohort["target"][i, :, 1]
+        row.update({n: ("" if torch.isnan(v) else float(v)) for n, v in zip(names, followup, strict=True)})
+        rows.append(row)
+    path = folder / "manifest.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

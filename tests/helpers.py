@@ -44,6 +44,17 @@ def tiny_natural(artifact: Path) -> list[str]:
     ]
 
 
+def tiny_manifest(manifest: Path, artifact: Path) -> list[str]:
+    """Overrides that make ``configs/natural/manifest.yaml`` run on the tests' 8 mm phantom manifest."""
+    return [
+        f"--data.init_args.manifest={manifest}",
+        *tiny_model(artifact),
+        "--data.init_args.spacing=8",
+        "--data.init_args.shape=[24,28,24]",
+        "--data.init_args.loader.batch_size=2",
+    ]
+
+
 def tiny_lesion(artifact: Path) -> list[str]:
     """Overrides that make the lesion config run on a few small subjects."""
     return [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -14,13 +13,12 @@ import torch
 import torchio as tio
 import yaml
 
-from datamodules.brain_phantom import BrainPhantomDataModule
 from datamodules.configs import LoaderConfig, SplitConfig
 from rmr_lightning.cli import cli_main
 from rmr_lightning.connectome import load_dk84
 from rmr_lightning.finetuning import NaturalFinetuning
 from rmr_lightning.study import parse_study, run_study
-from tests.helpers import REPO, TINY_PRETRAIN, tiny_lesion, tiny_natural
+from tests.helpers import REPO, TINY_PRETRAIN, tiny_lesion, tiny_manifest, tiny_natural
 
 # Pretraining variants other than the default are stacked on it (`--config ndm.yaml --config fkpp.yaml`).
 PRETRAIN = [["configs/pretrain/ndm.yaml"]] + [
@@ -295,49 +293,13 @@ def test_a_processor_of_another_algorithm_with_the_same_parameters_warns(tiny_ar
         _fit(args)
 
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Scans of an 8 mm phantom cohort written as NIfTI files, listed in a CSV as a user would."""
-    dm = BrainPhantomDataModule(spacing=8, split={"train_pool": 6, "num_val": 1, "num_test": 1})
-    cohort, _ = dm._load_or_generate()
-    folder = tmp_path_factory.mktemp("scans")
-    names = load_dk84()[1]
-    rows = []
-    for i in range(8):
-        image = folder / f"sub-{i:02d}_T1w.nii.gz"
-        labels = folder / f"sub-{i:02d}_dseg.nii.gz"
-        tio.ScalarImage(tensor=cohort["image"][i], affine=cohort["affine"].numpy()).save(image)
-        tio.LabelMap(tensor=cohort["labels"][i].long(), affine=cohort["affine"].numpy()).save(labels)
-        age, horizon = cohort["covariates"][i].tolist()
-        followup = cohort["target"][i, :, 1]
-        row = {
-            "subject_id": f"sub-{i:02d}",
-            "image": image.name,
-            "label_map": labels.name,
-            "age": age,
-            "horizon": horizon,
-        }
-        row.update({n: ("" if torch.isnan(v) else float(v)) for n, v in zip(names, followup, strict=True)})
-        rows.append(row)
-    path = folder / "manifest.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-def test_manifest_config_fits_and_predicts_with_a_readout(manifest: Path, tiny_artifact: Path, tmp_path: Path) -> None:
+def test_manifest_config_fits_and_predicts_with_a_readout(
+    phantom_manifest: Path, tiny_artifact: Path, tmp_path: Path
+) -> None:
     common = [
         "--config",
         "configs/natural/manifest.yaml",
-        f"--data.init_args.manifest={manifest}",
-        f"--model.init_args.processor_artifact={tiny_artifact}",
-        "--data.init_args.spacing=8",
-        "--data.init_args.shape=[24,28,24]",
-        "--data.init_args.loader.batch_size=2",
-        "--model.init_args.encoder.init_args.widths=[2,4,4]",
-        "--model.init_args.encoder.init_args.out_channels=4",
+        *tiny_manifest(phantom_manifest, tiny_artifact),
         "--trainer.logger=false",
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.callbacks=[{'class_path': 'rmr_lightning.prediction.RegionalPredictionWriter', "
@@ -351,12 +313,12 @@ def test_manifest_config_fits_and_predicts_with_a_readout(manifest: Path, tiny_a
     assert len(list((tmp_path / "pred" / "figures").glob("*.png"))) == 2
     # regions missing from a subject's label map are named: their values carry no image evidence
     names = load_dk84()[1]
-    labels = set(tio.LabelMap(manifest.parent / "sub-00_dseg.nii.gz").data.unique().tolist())
+    labels = set(tio.LabelMap(phantom_manifest.parent / "sub-00_dseg.nii.gz").data.unique().tolist())
     absent = [n for r, n in enumerate(names, 1) if r not in labels]
     assert absent and frame.set_index("subject_id").loc["sub-00", "absent_regions"].split(";") == absent
 
 
-def test_the_study_runs_on_a_manifest_of_scans(manifest: Path, tiny_artifact: Path, tmp_path: Path) -> None:
+def test_the_study_runs_on_a_manifest_of_scans(phantom_manifest: Path, tiny_artifact: Path, tmp_path: Path) -> None:
     """configs/study/manifest.yaml: each run trains on split.train_size subjects of the manifest's training split."""
     study = parse_study(
         [
@@ -371,13 +333,7 @@ def test_the_study_runs_on_a_manifest_of_scans(manifest: Path, tiny_artifact: Pa
         ]
     )
     study.overrides = [
-        f"--data.init_args.manifest={manifest}",
-        f"--model.init_args.processor_artifact={tiny_artifact}",
-        "--data.init_args.spacing=8",
-        "--data.init_args.shape=[24,28,24]",
-        "--data.init_args.loader.batch_size=2",
-        "--model.init_args.encoder.init_args.widths=[2,4,4]",
-        "--model.init_args.encoder.init_args.out_channels=4",
+        *tiny_manifest(phantom_manifest, tiny_artifact),
         "--trainer.max_steps=2",
         "--trainer.val_check_interval=2",
     ]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY_PRETRAIN, rmr, tiny_natural
+from tests.helpers import REPO, TINY_PRETRAIN, rmr, tiny_manifest, tiny_natural
 
 DDP = [
     "--trainer.accelerator=cpu",
@@ -46,6 +46,43 @@ def test_natural_ddp_ranks_see_disjoint_subjects(tiny_artifact: Path, tmp_path: 
         a, b = (set(r["subjects"]) for r in ranks)
         assert a and b and not a & b, (a, b)  # disjoint
         assert len(a | b) == 4  # together they cover the training set
+
+
+@pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
+def test_manifest_ddp_preprocesses_each_scan_once_and_each_rank_reads_only_its_shard(
+    phantom_manifest: Path, tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """Two ranks on a manifest of scans with an empty cache: each scan enters the cache once (rank 0 checks
+    and preprocesses the data before the other rank starts), and each rank reads only its own training shard."""
+    probe = {"class_path": "ddp_probe.RecordScanReads", "init_args": {"dirpath": str(tmp_path / "seen")}}
+    args = [
+        "fit",
+        "--config",
+        "configs/natural/manifest.yaml",
+        *tiny_manifest(phantom_manifest, tiny_artifact),
+        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+        "--data.init_args.loader.batch_size=1",
+        "--trainer.max_epochs=2",
+        "--trainer.max_steps=-1",
+        "--trainer.val_check_interval=null",
+        "--trainer.check_val_every_n_epoch=1",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.callbacks=[{json.dumps(probe)}]",
+        *DDP,
+    ]
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    result = rmr(args, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = tmp_path / "seen"
+    builds = [json.loads((seen / f"rank{r}_epoch1_reads.json").read_text())["builds"] for r in (0, 1)]
+    assert sorted(builds[0] + builds[1]) == sorted(p.name for p in phantom_manifest.parent.glob("*_T1w.nii.gz"))
+    assert builds[1] == []  # the second rank found every scan in the cache
+    for epoch in (0, 1):
+        trained = [set(json.loads((seen / f"rank{r}_epoch{epoch}.json").read_text())["subjects"]) for r in (0, 1)]
+        reads = [json.loads((seen / f"rank{r}_epoch{epoch}_reads.json").read_text())["reads"] for r in (0, 1)]
+        assert trained[0] and trained[1] and not trained[0] & trained[1] and len(trained[0] | trained[1]) == 4
+        assert [sorted(r) for r in reads] == [sorted(t) for t in trained]  # one read per subject, of its shard
 
 
 @pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores

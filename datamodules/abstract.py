@@ -20,8 +20,8 @@ from datamodules.configs import LoaderConfig, as_config, plain
 from datamodules.graphs import initial_states, random_graph
 from datamodules.sampling import epoch_sampler
 from rmr_lightning.algorithms import AbstractSpec, DiffusionSpectrum, GraphAlgorithm, NetworkDiffusion
-from rmr_lightning.batches import GraphBatch
-from rmr_lightning.connectome import graph_tensors, load_dk84
+from rmr_lightning.data.batches import GraphBatch
+from rmr_lightning.data.connectome import graph_tensors, load_dk84
 
 
 def _ranges(starts: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:

@@ -154,14 +154,14 @@ def _reference(gm: np.ndarray, wm: np.ndarray, csf: np.ndarray, labels: np.ndarr
 def template_reference(spacing: int) -> Reference:
     """The MNI152 template's reference volumes on a ``spacing`` mm grid (1..8), as the phantoms render it."""
     if spacing == 1:  # the 1 mm maps directly: load_anatomy(1) would expand ~2 GB per region
-        from rmr_lightning.anatomy import _input_paths, _read_volumes
+        from rmr_lightning.data.anatomy import _input_paths, _read_volumes
 
         vols, _ = _read_volumes(_input_paths())
         gm, wm = vols["gm"] / 255.0, vols["wm"] / 255.0
-        brain = (vols["t1"] > 0) | (gm + wm > 0.5)  # the brain mask of rmr_lightning.anatomy
+        brain = (vols["t1"] > 0) | (gm + wm > 0.5)  # the brain mask of rmr_lightning.data.anatomy
         csf = np.where(brain, np.clip(1.0 - gm - wm, 0.0, 1.0), 0.0)
         return _reference(gm, wm, csf, vols["atlas"].astype(np.int64), 1.0)
-    from rmr_lightning.anatomy import load_anatomy
+    from rmr_lightning.data.anatomy import load_anatomy
 
     anatomy = load_anatomy(spacing)
     tissues = [t.double().numpy() for t in (anatomy.gm, anatomy.wm, anatomy.csf)]

@@ -1,7 +1,7 @@
 """Brain phantoms rendered from real anatomy: the embedded default data of the natural stage.
 
 Anatomy ships inside PyPI packages (nilearn's MNI152 2009 template and tissue maps, a Desikan-Killiany
-parcellation built from fsaverage5; see ``rmr_lightning.anatomy``). Each subject has a hidden disease
+parcellation built from fsaverage5; see ``rmr_lightning.data.anatomy``). Each subject has a hidden disease
 state: 1-3 cortical seed regions and a stage (years since onset), run through the algorithm ``A``
 (network diffusion by default) on the DK84 connectome with a cohort-level diffusivity. Regional
 atrophy follows the pathology load (as in Raj et al. 2012) plus normal ageing, and thins each
@@ -43,9 +43,9 @@ from datamodules.scans import (
     transform_key,
 )
 from rmr_lightning.algorithms import GraphAlgorithm, NetworkDiffusion
-from rmr_lightning.anatomy import Anatomy, load_anatomy
-from rmr_lightning.batches import ScanBatch
-from rmr_lightning.connectome import load_dk84
+from rmr_lightning.data.anatomy import Anatomy, load_anatomy
+from rmr_lightning.data.batches import ScanBatch
+from rmr_lightning.data.connectome import load_dk84
 from rmr_lightning.files import atomic_torch_save
 
 COHORT_VERSION = 9  # bump when rendering changes: the cache key includes it

@@ -55,7 +55,7 @@ from datamodules.brain_phantom import (
 )
 from datamodules.freesurfer import freesurfer_labels
 from datamodules.fs_stats import write_aparc, write_aseg
-from rmr_lightning.anatomy import Anatomy, load_anatomy
+from rmr_lightning.data.anatomy import Anatomy, load_anatomy
 from rmr_lightning.files import atomic_write, atomic_write_csv, atomic_write_json, atomic_write_text
 
 SESSIONS = ("ses-01", "ses-02")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torchio as tio
 
-from rmr_lightning.batches import ScanBatch
+from rmr_lightning.data.batches import ScanBatch
 
 __all__ = [
     "CT_WINDOW",

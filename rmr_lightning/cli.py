@@ -20,7 +20,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from processors.registry import available_processors
 from rmr_lightning import checkpoints
-from rmr_lightning.logging import WANDB_ID_KEY, RunIdentity, SaveAndLogConfig
+from rmr_lightning.callbacks import RunIdentity, SaveAndLogConfig
+from rmr_lightning.callbacks.run_identity import WANDB_ID_KEY
 from rmr_lightning.protocols import HasAbstractSpec, HasCovariates
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "ndm.yaml"

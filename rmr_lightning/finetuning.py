@@ -20,7 +20,7 @@ from torchmetrics import MeanAbsoluteError, MetricCollection, PearsonCorrCoef, R
 
 from rmr_lightning.algorithms import GraphAlgorithm
 from rmr_lightning.artifact import load_processor_artifact
-from rmr_lightning.batches import ScanBatch
+from rmr_lightning.data.batches import ScanBatch
 from rmr_lightning.guards import check_gradients, check_loss
 from rmr_lightning.natural import (
     ABSTRACT_PARTS,

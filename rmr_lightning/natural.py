@@ -43,9 +43,9 @@ from processors.base import Processor
 from processors.mlp import MLPProcessor
 from rmr_lightning.algorithms import AbstractSpec
 from rmr_lightning.artifact import ProcessorArtifact
-from rmr_lightning.batches import ScanBatch
 from rmr_lightning.centring import RegionCentring
-from rmr_lightning.connectome import batch_graph, graph_tensors, load_dk84
+from rmr_lightning.data.batches import ScanBatch
+from rmr_lightning.data.connectome import batch_graph, graph_tensors, load_dk84
 from rmr_lightning.encoders import RegionCNN
 
 Variant = Literal["rmr", "baseline", "scratch", "unfrozen", "random_p"]

@@ -24,7 +24,7 @@ from processors.base import Processor
 from processors.registry import resolve_processor
 from rmr_lightning.algorithms import AbstractSpec, NetworkDiffusion
 from rmr_lightning.artifact import check_rebuildable
-from rmr_lightning.batches import GraphBatch
+from rmr_lightning.data.batches import GraphBatch
 from rmr_lightning.guards import check_loss
 from rmr_lightning.optim import configure_optimizers
 from rmr_lightning.protocols import HasAbstractSpec, HasTestNames

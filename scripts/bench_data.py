@@ -44,7 +44,7 @@ def write_cohort(folder: Path, subjects: int, spacing: int) -> Path:
     import nibabel as nib
 
     from datamodules.manifest import dk84_region_names
-    from rmr_lightning.anatomy import load_anatomy
+    from rmr_lightning.data.anatomy import load_anatomy
     from rmr_lightning.files import atomic_write_text
 
     anatomy = load_anatomy(spacing=spacing)

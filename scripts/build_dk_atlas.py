@@ -188,7 +188,7 @@ A 1 mm label volume of the 68 cortical Desikan-Killiany regions, on the grid of 
 2009 symmetric template (197 x 233 x 189, affine diag(1, 1, 1), origin (-98, -134, -72) mm), uint8.
 Value = 1 + row index of the region in `rmr_lightning/data/connectome_dk84/regions.csv`
 (so 1..84, the DK84 connectome order); 0 = background / unlabelled. `{COUNTS_NAME}` gives the voxel
-count of every one of the 84 regions (0 where absent). Loaded at run time by `rmr_lightning.anatomy`.
+count of every one of the 84 regions (0 where absent). Loaded at run time by `rmr_lightning.data.anatomy`.
 
 ## How (`scripts/build_dk_atlas.py`, deterministic; `--check` rebuilds and compares)
 1. Mid-cortical surface of fsaverage5 per hemisphere: (pial + white) / 2 per vertex (10242 vertices).

@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 
 from rmr_lightning.algorithms import FisherKPP, NetworkDiffusion, fisher_kpp, network_diffusion, random_walk_laplacian
-from rmr_lightning.connectome import load_dk84
+from rmr_lightning.data.connectome import load_dk84
 
 
 @pytest.fixture(scope="module")

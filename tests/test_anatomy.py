@@ -1,4 +1,4 @@
-"""DK84 MNI152 atlas (scripts/build_dk_atlas.py) and the anatomy loader (rmr_lightning.anatomy)."""
+"""DK84 MNI152 atlas (scripts/build_dk_atlas.py) and the anatomy loader (rmr_lightning.data.anatomy)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from rmr_lightning import anatomy
-from rmr_lightning.anatomy import ATLAS_PATH, load_anatomy
+from rmr_lightning.data import anatomy
+from rmr_lightning.data.anatomy import ATLAS_PATH, load_anatomy
 
 REPO = Path(__file__).resolve().parents[1]
 NON_CORTICAL = ("Cerebellum", "Thalamus", "Caudate", "Putamen", "Pallidum", "Hippocampus", "Amygdala", "Accumbens")

@@ -15,7 +15,7 @@ import yaml
 
 from datamodules.configs import LoaderConfig, SplitConfig
 from rmr_lightning.cli import cli_main
-from rmr_lightning.connectome import load_dk84
+from rmr_lightning.data.connectome import load_dk84
 from rmr_lightning.finetuning import NaturalFinetuning
 from rmr_lightning.study import parse_study, run_study
 from tests.helpers import REPO, TINY_PRETRAIN, tiny_lesion, tiny_manifest, tiny_natural

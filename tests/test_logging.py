@@ -35,7 +35,7 @@ def test_natural_run_logs_config_hash_and_variant_to_wandb(
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
         "init_args": {"dirpath": str(tmp_path / "ckpt")},
     }
-    scans = {"class_path": "rmr_lightning.scan_images.LogScanSlices", "init_args": {"max_scans": 2}}  # opt-in images
+    scans = {"class_path": "rmr_lightning.callbacks.LogScanSlices", "init_args": {"max_scans": 2}}  # opt-in images
     cli = cli_main(
         [
             "--config",
@@ -74,7 +74,7 @@ def test_natural_run_logs_config_hash_and_variant_to_wandb(
 def test_scan_slices_without_wandb_are_pngs_of_the_preprocessed_scans(tiny_artifact: Path, tmp_path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    scans = {"class_path": "rmr_lightning.scan_images.LogScanSlices", "init_args": {"max_scans": 3}}
+    scans = {"class_path": "rmr_lightning.callbacks.LogScanSlices", "init_args": {"max_scans": 3}}
     cli = cli_main(
         [
             "--config",

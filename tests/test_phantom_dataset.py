@@ -17,7 +17,7 @@ from datamodules.freesurfer import label_lookup, relabel
 from datamodules.fs_stats import read_aparc, read_aseg, read_table
 from datamodules.manifest import dk84_region_names
 from datamodules.phantom_dataset import SESSIONS, segment, simulate_cohort, write_dataset
-from rmr_lightning.anatomy import load_anatomy
+from rmr_lightning.data.anatomy import load_anatomy
 from rmr_lightning.data_cli import main
 
 SUBJECTS, SPACING, SEED = 6, 8, 3

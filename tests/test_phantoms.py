@@ -8,7 +8,7 @@ import torch
 
 from datamodules.brain_phantom import render_cohort, simulate_disease
 from rmr_lightning.algorithms import NetworkDiffusion
-from rmr_lightning.anatomy import load_anatomy
+from rmr_lightning.data.anatomy import load_anatomy
 
 
 @pytest.fixture(scope="module")

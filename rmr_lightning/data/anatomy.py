@@ -2,7 +2,7 @@
 
 Sources, all local (nothing is downloaded): nilearn's ICBM152 2009 symmetric T1 / GM / WM templates
 (1 mm, shipped inside the nilearn package) and the DK84 cortical label volume shipped with this
-package (``data/atlas/dk84_mni152_1mm.nii.gz``, built by ``scripts/build_dk_atlas.py``).
+package (``rmr_lightning/data/atlas/dk84_mni152_1mm.nii.gz``, built by ``scripts/build_dk_atlas.py``).
 Coarser grids are exact block averages of the 1 mm maps, so partial volumes are preserved.
 Results are cached per spacing as plain tensors (``torch.load(weights_only=True)``).
 """
@@ -24,8 +24,8 @@ from rmr_lightning.files import atomic_torch_save
 
 __all__ = ["Anatomy", "load_anatomy", "ATLAS_PATH"]
 
-ATLAS_PATH = Path(__file__).parent / "data" / "atlas" / "dk84_mni152_1mm.nii.gz"
-REGIONS_CSV = Path(__file__).parent / "data" / "connectome_dk84" / "regions.csv"
+ATLAS_PATH = Path(__file__).parent / "atlas" / "dk84_mni152_1mm.nii.gz"
+REGIONS_CSV = Path(__file__).parent / "connectome_dk84" / "regions.csv"
 # Bump when the computation or the cache layout changes: it is part of the cache key.
 CODE_VERSION = "anatomy-v1"
 MAX_SPACING = 8

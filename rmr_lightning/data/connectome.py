@@ -10,7 +10,7 @@ from torch import Tensor
 
 from rmr_lightning.algorithms import row_normalised
 
-CONNECTOME_DIR = Path(__file__).resolve().parent / "data" / "connectome_dk84"
+CONNECTOME_DIR = Path(__file__).resolve().parent / "connectome_dk84"
 
 
 def load_dk84(dtype: torch.dtype = torch.float64) -> tuple[Tensor, list[str]]:

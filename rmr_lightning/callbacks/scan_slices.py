@@ -1,6 +1,6 @@
 """Opt-in scan images for the logger: what the encoder sees, without anything that identifies a patient.
 
-Not in any shipped config; add it with ``--trainer.callbacks+=rmr_lightning.scan_images.LogScanSlices``.
+Not in any shipped config; add it with ``--trainer.callbacks+=rmr_lightning.callbacks.LogScanSlices``.
 Each image is three orthogonal slices through the centre of the subject's label map, after the
 preprocessing (resampling, crop, intensity window), with the label map's outline on top. Images carry
 no DICOM header, and captions and file names hold only the batch position ("val scan 0"), never the

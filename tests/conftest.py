@@ -55,7 +55,7 @@ def phantom_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torchio as tio
 
     from datamodules.brain_phantom import BrainPhantomDataModule
-    from rmr_lightning.connectome import load_dk84
+    from rmr_lightning.data.connectome import load_dk84
 
     dm = BrainPhantomDataModule(spacing=8, split={"train_pool": 6, "num_val": 1, "num_test": 1})
     cohort, _ = dm._load_or_generate()

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MetricCollection, PearsonCorrCoef, R2Score
 
@@ -32,6 +32,7 @@ from rmr_lightning.natural import (
     Variant,
 )
 from rmr_lightning.optim import configure_optimizers
+from rmr_lightning.processor_check import ProcessorCheck, check_processor
 from rmr_lightning.protocols import HasAlgorithm, HasTrainTable
 from rmr_lightning.typed_config import as_config, plain
 
@@ -132,6 +133,7 @@ class NaturalFinetuning(L.LightningModule):
         self.artifact_sha256 = artifact.sha256
         self._warn_weak_processor(artifact.metrics.get("val_r2_delta"), variant, processor_artifact)
         self.model = NaturalModel(artifact, variant, encoder, covariate_names, time_covariate, **configs)
+        self.processor_check: ProcessorCheck | None = None  # set at the start of fit (variants with the artifact's P)
         self.train_metrics = _stage_metrics("train")
         self.val_metrics = _stage_metrics("val")
         self.test_metrics = _stage_metrics("test")
@@ -179,6 +181,21 @@ class NaturalFinetuning(L.LightningModule):
             targets = torch.cat([b.target for b in batches])
             covariates = torch.cat([b.covariates for b in batches])
         self.model.calibrate(targets, covariates)
+        self._check_processor(targets, covariates)
+
+    def _check_processor(self, targets: Tensor, covariates: Tensor) -> None:
+        """How well the artifact's P explains the training set's changes (``processor_check``): on the console
+        and in every logger, before the first step. Variants whose P is not the artifact's are not checked."""
+        if not self.model.policy.pretrained:
+            return
+        self.processor_check = check_processor(self.model, targets, covariates)
+        if self.processor_check is None:
+            rank_zero_info("P check skipped: fewer than three training subjects have baseline and follow-up values")
+            return
+        rank_zero_info(f"P check: {self.processor_check.summary()}")
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(self.processor_check.as_metrics(), step=0)
 
     def _warn_other_algorithm(self, algorithm: GraphAlgorithm | None) -> None:
         pretrained = self.model.pretrained_algorithm

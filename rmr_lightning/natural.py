@@ -83,12 +83,17 @@ class StateHeadConfig:
         state_init: the state every region starts from (0.05 for brain regions, ~0.3 for lesions).
         subject_params: parameters of A estimated per scan (a head on the subject's mean feature, kept
             inside the pretraining range); the others are learned cohort constants or the time covariate.
+        region_volume: give the head each region's log voxel count in the label map as one more feature.
+            With a label map per scan (FreeSurfer's ``aparc+aseg``) a region's size is its atrophy: a hard
+            segmentation drops the voxels where lost grey matter became CSF, and intensity inside what is
+            left barely changes. With one atlas for every scan it is a constant and carries nothing.
     """
 
     hidden: int = 32
     region_centring: bool = True
     state_init: float = STATE_INIT
     subject_params: list[str] | None = None
+    region_volume: bool = False
 
 
 @dataclass(frozen=True)
@@ -250,7 +255,8 @@ class NaturalModel(nn.Module):
     def _build_state_head(self, encoder: nn.Module | None, head: StateHeadConfig) -> None:
         """``f'``: the CNN, the per-region state head, the per-subject parameter head, A's cohort values."""
         self.encoder = encoder if encoder is not None else RegionCNN()
-        channels, num_cov = int(self.encoder.out_channels), len(self.covariate_names)
+        self.region_volume = head.region_volume
+        channels, num_cov = int(self.encoder.out_channels) + int(head.region_volume), len(self.covariate_names)
         self.region_centring = RegionCentring(self.num_regions, channels) if head.region_centring else None
         # head input per region: its features, the subject's mean feature (contrast, scanner), presence, covariates
         head_in = (3 if head.region_centring else 2) * channels + 1 + num_cov
@@ -384,6 +390,8 @@ class NaturalModel(nn.Module):
             raise ValueError(f"batch has {b.target.shape[1]} regions but the connectome has {self.num_regions}")
         self.check_horizons(b.covariates, b.subject_ids)
         pooled, counts = self.encoder(b.image, b.labels, self.num_regions)  # (B, R, C), (B, R)
+        if self.region_volume:  # (B, R, C + 1): the region's size in the label map
+            pooled = torch.cat([pooled, torch.log1p(counts).unsqueeze(-1)], dim=-1)
         present = (counts > 0).float().unsqueeze(-1)  # (B, R, 1)
         context = (pooled * present).sum(1, keepdim=True) / present.sum(1, keepdim=True).clamp_min(1)  # (B, 1, C)
         cov = (b.covariates - self.covariate_mean) / self.covariate_std  # (B, C)

@@ -52,6 +52,7 @@ COLUMNS = [
     "checkpoint",
     "processor_artifact",
     "processor_sha256",
+    "p_check_r2",
 ]
 VARIANT_ORDER = ["rmr", "unfrozen", "scratch", "random_p", "baseline"]
 SUMMARY_FILES = (
@@ -181,6 +182,7 @@ def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
             "checkpoint": checkpoint,
             "processor_artifact": cli.model.hparams.processor_artifact,
             "processor_sha256": cli.model.artifact_sha256,
+            "p_check_r2": check.r2 if (check := getattr(cli.model, "processor_check", None)) else math.nan,
         }
     finally:
         if study.logger == "wandb":  # also after a failed run, or the worker's next run would join its W&B run
@@ -256,12 +258,25 @@ def summarise(frame: pd.DataFrame, measure: str = Study.measure) -> str:
         + "\n".join(notes)
         + "\n"
     )
+    text += _processor_check_note(frame)
     if readout:  # phantoms only: scans of real subjects have no hidden true state
         text += (
             "\nCorrelation of the state decoded by the pretrained g from f'(x) with the hidden true state "
             f"(mean over runs): {readout}\n"
         )
     return text
+
+
+def _processor_check_note(frame: pd.DataFrame) -> str:
+    """The P check of the variants that use the artifact's P: R^2 of P's change on each run's training set."""
+    if "p_check_r2" not in frame or frame["p_check_r2"].isna().all():
+        return ""
+    checked = frame.dropna(subset=["p_check_r2"]).groupby("n_train")["p_check_r2"].agg(["mean", "min"])
+    cells = ", ".join(f"n={n}: {row['mean']:.3f} (lowest {row['min']:.3f})" for n, row in checked.iterrows())
+    return (
+        "\nP check, R^2 of the artifact's P's change against the training set's regional changes beyond each "
+        f"region's mean (1: P explains them, 0: nothing; mean over runs): {cells}\n"
+    )
 
 
 def plot(frame: pd.DataFrame, path: Path, measure: str = Study.measure) -> None:
@@ -384,6 +399,9 @@ def read_summary(csv: Path) -> pd.DataFrame:
             f"{csv} lacks the column(s) {missing} of a study summary (columns: {list(frame.columns)}); "
             "repair or move it away"
         )
+    for column in COLUMNS:  # a study begun before a column existed resumes with it empty
+        if column not in frame.columns:
+            frame[column] = math.nan
     return frame
 
 

@@ -268,3 +268,29 @@ def test_cohort_parameters_and_gains_get_their_own_learning_rates(tiny_artifact:
     assert lrs[id(model.model.cohort_logits)] == pytest.approx(1e-2)
     assert lrs[id(model.model.log_gain)] == pytest.approx(3e-2)
     assert lrs[id(model.model.encoder.fuse.weight)] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("variant", ["rmr", "random_p"])
+def test_fit_reports_how_well_p_explains_the_training_changes(
+    tiny_artifact: Path, phantoms, tmp_path: Path, variant: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The P check runs once at the start of fit, on the console and in the logger; a variant whose P is
+    not the artifact's is not checked."""
+    import pandas as pd
+    from lightning.pytorch.loggers import CSVLogger
+
+    from rmr_lightning.processor_check import check_processor
+
+    model = _model(tiny_artifact, variant)
+    trainer = _trainer(tmp_path, steps=1)
+    trainer.loggers = [CSVLogger(tmp_path, name="csv")]
+    with caplog.at_level("INFO"):
+        trainer.fit(model, datamodule=phantoms)
+    logged = pd.read_csv(Path(trainer.loggers[0].log_dir) / "metrics.csv")
+    if variant == "random_p":
+        assert model.processor_check is None and "p_check/r2" not in logged
+        return
+    expected = check_processor(model.model, *phantoms.train_table())
+    assert model.processor_check == expected and -1.0 <= expected.r2 <= 1.0
+    assert logged["p_check/r2"].dropna().tolist() == pytest.approx([expected.r2])
+    assert f"P explains R^2 = {expected.r2:.3f}" in caplog.text

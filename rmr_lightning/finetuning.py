@@ -30,6 +30,7 @@ from rmr_lightning.natural import (
     ReadoutConfig,
     StateHeadConfig,
     Variant,
+    trust_from_r2,
 )
 from rmr_lightning.optim import configure_optimizers
 from rmr_lightning.processor_check import ProcessorCheck, check_processor
@@ -184,18 +185,29 @@ class NaturalFinetuning(L.LightningModule):
         self._check_processor(targets, covariates)
 
     def _check_processor(self, targets: Tensor, covariates: Tensor) -> None:
-        """How well the artifact's P explains the training set's changes (``processor_check``): on the console
-        and in every logger, before the first step. Variants whose P is not the artifact's are not checked."""
+        """How well the artifact's P explains the training set's changes (``processor_check``), and with it
+        the trust in a frozen P (``trust_from_r2``): on the console and in every logger, before the first
+        step. Variants whose P is not the artifact's are not checked."""
         if not self.model.policy.pretrained:
             return
         self.processor_check = check_processor(self.model, targets, covariates)
         if self.processor_check is None:
-            rank_zero_info("P check skipped: fewer than three training subjects have baseline and follow-up values")
+            rank_zero_info(
+                "P check skipped: fewer than three training subjects have baseline and follow-up values; "
+                "a frozen P is trusted fully"
+            )
             return
-        rank_zero_info(f"P check: {self.processor_check.summary()}")
+        metrics = self.processor_check.as_metrics()
+        text = f"P check: {self.processor_check.summary()}"
+        if self.model.fallback is not None:
+            trust = trust_from_r2(self.processor_check.r2)
+            self.model.trust.fill_(trust)
+            metrics["p_check/trust"] = trust
+            text += f"; trust in frozen P {trust:.2f}, the rest from a graph-free fallback"
+        rank_zero_info(text)
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:
-                logger.log_metrics(self.processor_check.as_metrics(), step=0)
+                logger.log_metrics(metrics, step=0)
 
     def _warn_other_algorithm(self, algorithm: GraphAlgorithm | None) -> None:
         pretrained = self.model.pretrained_algorithm

@@ -54,6 +54,13 @@ STATE_LOGIT_INIT = -3.0
 STATE_INIT = 1.0 / (1.0 + math.exp(-STATE_LOGIT_INIT))
 #: The parts that come from the artifact; frozen together where the variant does not train them.
 ABSTRACT_PARTS = ("abstract_encoder", "processor", "decoder")
+#: P check R^2 at and above which a frozen P is trusted fully, and at and below which not at (docs/design.md).
+TRUST_FULL, TRUST_NONE = 0.9, 0.5
+
+
+def trust_from_r2(r2: float) -> float:
+    """Trust in a frozen P from its P check: 0 up to ``TRUST_NONE``, rising linearly to 1 at ``TRUST_FULL``."""
+    return min(1.0, max(0.0, (r2 - TRUST_NONE) / (TRUST_FULL - TRUST_NONE)))
 
 
 @dataclass(frozen=True)
@@ -106,11 +113,16 @@ class ReadoutConfig:
         change_from_mean: the change starts from the training mean change plus ``P``'s change (brain: ageing
             is most of it) or from ``P``'s change alone (lesions: growth is all of it).
         state_unit: target units per unit of state, where the gains start (lesions: mL per 20 mm sphere).
+        trust: ``checked``: a frozen pretrained ``P`` (``rmr``) gets a trainable graph-free fallback ``F`` (the
+            node-wise MLP ``baseline`` learns with), and the change reads ``t (g(P(z)) - g(z)) + (1 - t)
+            (g(F(z)) - g(z))`` with the trust ``t`` set at the start of fit from the P check
+            (``trust_from_r2``); ``full``: ``t = 1`` always, no fallback.
     """
 
     kind: Literal["calibrated", "linear", "residual"] = "calibrated"
     change_from_mean: bool = True
     state_unit: float = 1.0
+    trust: Literal["checked", "full"] = "checked"
 
 
 @dataclass(frozen=True)
@@ -227,6 +239,18 @@ class NaturalModel(nn.Module):
         self.frozen = [] if self.policy.trainable else list(ABSTRACT_PARTS)
         for name in self.frozen:
             freeze(getattr(self, name))
+        self._build_fallback(artifact.processor, readout)
+
+    def _build_fallback(self, processor: Processor, readout: ReadoutConfig) -> None:
+        """The graph-free fallback of a frozen pretrained P and the trust in P (1 until the P check sets it).
+        Drawn on a forked random state, so every other draw of the run is what it was without it."""
+        self.register_buffer("trust", torch.ones(()))
+        self.fallback: Processor | None = None
+        if readout.trust not in ("checked", "full"):
+            raise ValueError(f"readout.trust must be 'checked' or 'full', got {readout.trust!r}")
+        if readout.trust == "checked" and self.policy.pretrained and not self.policy.trainable:
+            with torch.random.fork_rng(devices=[]):
+                self.fallback = MLPProcessor(processor.hidden_dim, num_layers=processor.num_layers)
 
     # ---- construction (in this order: the random draws of every variant depend on it) -------------
     def _read_spec(self, spec: AbstractSpec, head: StateHeadConfig) -> None:
@@ -422,6 +446,10 @@ class NaturalModel(nn.Module):
         bsz = b.batch_size
         now = self.decoder(z).reshape(bsz, self.num_regions)  # g(f'(x)): the current state (the readout)
         after = self.decoder(z_next).reshape(bsz, self.num_regions)  # g(P(f'(x))): the state at follow-up
+        delta = after - now  # P's change of the state, (B, R)
+        if self.fallback is not None:  # as far as P is not trusted, the change of the graph-free fallback
+            moved = self.decoder(self.fallback(z))  # node-wise: no graph
+            delta = self.trust * delta + (1 - self.trust) * (moved.reshape(bsz, self.num_regions) - now)
         gain = self.log_gain.exp()
         offset = self.covariate_decoder(cov).unsqueeze(1) + self.region_bias  # (B, R, 2), in training spreads
         if self.latent_decoder is not None:  # linear, residual: a map of [z, P(z)] (B*R, 2H) -> (B, R, 2)
@@ -430,7 +458,7 @@ class NaturalModel(nn.Module):
         if self.readout_config.kind != "linear":  # calibrated: positive gains map g's states to targets
             baseline = mean[:, 0] + gain[0] * (now - self.state_init) + std[0] * offset[..., 0]
             mean_change = mean[:, 2] if self.readout_config.change_from_mean else 0.0
-            change = mean_change + gain[1] * (after - now) + std[2] * offset[..., 1]
+            change = mean_change + gain[1] * delta + std[2] * offset[..., 1]
         else:
             baseline = mean[:, 0] + std[0] * offset[..., 0]
             change = mean[:, 2] + std[2] * offset[..., 1]

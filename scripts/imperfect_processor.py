@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
+import torch
 
+from rmr_lightning.artifact import load_processor_artifact, save_processor_artifact
 from rmr_lightning.cli import cli_main
-from rmr_lightning.files import atomic_write_csv, atomic_write_text
+from rmr_lightning.files import atomic_savefig, atomic_write_csv, atomic_write_json, atomic_write_text
+from rmr_lightning.natural import reinitialise
+from rmr_lightning.plotting import pyplot
 from rmr_lightning.study import Study, run_study
 
 PRETRAIN = {
@@ -45,6 +50,20 @@ def pretrain(configs: list[str], root: Path, steps: int | None) -> dict:
         cli = cli_main(args, run=False)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    return json.loads((root / "metrics.json").read_text())
+
+
+def random_processor(source: Path, root: Path) -> dict:
+    """``source``'s artifact with ``P`` replaced by a fresh random one of the same kind (seed 0), ``f`` and
+    ``g`` kept: a frozen random ``P`` for ``rmr``. Its pretraining R^2 is unknown (NaN)."""
+    if not (root / "metrics.json").is_file():
+        artifact = load_processor_artifact(source / "processor.pt")
+        torch.manual_seed(0)
+        processor = reinitialise(artifact.processor)
+        save_processor_artifact(
+            root / "processor.pt", processor, artifact.encoder, artifact.decoder, artifact.abstract_spec
+        )
+        atomic_write_json(root / "metrics.json", {"r2_delta_in_distribution": math.nan, "r2_delta_dk84": math.nan})
     return json.loads((root / "metrics.json").read_text())
 
 
@@ -79,7 +98,8 @@ def compare(args: argparse.Namespace, phantoms: str, readout: str, artifacts: di
     frames = [study("reference", ["baseline", "scratch"], artifacts[f"{phantoms}, full"]).assign(processor="")]
     for label, root in artifacts.items():
         frames.append(study(label.replace(", ", "_").replace(" ", ""), args.variants, root).assign(processor=label))
-    by = pd.concat(frames, ignore_index=True).groupby(["variant", "processor", "n_train"])["test_mae"].mean()
+    grouped = pd.concat(frames, ignore_index=True).groupby(["variant", "processor", "n_train"])
+    by, check = grouped["test_mae"].mean(), grouped["p_check_r2"].mean()
     rows = []
     for label in artifacts:
         for variant in args.variants:
@@ -96,6 +116,7 @@ def compare(args: argparse.Namespace, phantoms: str, readout: str, artifacts: di
                 row.update(
                     {
                         f"mae_n{n}": mae,
+                        f"p_check_r2_n{n}": check[(variant, label, n)],
                         f"vs_baseline_n{n}": mae / by[("baseline", "", n)],
                         f"vs_scratch_n{n}": mae / by[("scratch", "", n)],
                     }
@@ -111,6 +132,28 @@ def compare(args: argparse.Namespace, phantoms: str, readout: str, artifacts: di
             }
         )
     return rows
+
+
+def plot(table: pd.DataFrame, sizes: list[int], path: Path) -> None:
+    """``rmr / baseline`` against the P check's R^2 of each processor, one panel per kind of phantoms."""
+    plt = pyplot()
+    rmr = table[table["variant"] == "rmr"]
+    kinds = list(dict.fromkeys(rmr["phantoms"]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        part = rmr[rmr["phantoms"] == kind]
+        for k, n in enumerate(sizes):
+            ax.scatter(part[f"p_check_r2_n{n}"], part[f"vs_baseline_n{n}"], color=f"C{k}", label=f"n={n}")
+            for _, row in part.iterrows():
+                ax.annotate(row["processor"], (row[f"p_check_r2_n{n}"], row[f"vs_baseline_n{n}"]), fontsize=7)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.axhline(1.05, color="grey", lw=0.8, ls="--")
+        ax.set(xlabel="P check R^2 on the training set", ylabel="rmr / baseline (test MAE of the change)")
+        ax.set_title(f"{kind} phantoms")
+        ax.legend()
+    fig.tight_layout()
+    atomic_savefig(fig, path)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -133,6 +176,9 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
+        "--random", action=argparse.BooleanOptionalAction, default=True, help="also a frozen random P (default on)"
+    )
+    parser.add_argument(
         "--overrides",
         nargs="*",
         action="extend",
@@ -150,6 +196,9 @@ def main() -> None:
     }
     quality = {label: pretrain(PRETRAIN[algorithm], root, steps) for label, (root, algorithm, steps) in runs.items()}
     artifacts = {label: root for label, (root, _, _) in runs.items()}
+    if args.random:
+        artifacts["random P"] = args.out / "pretrain_random"
+        quality["random P"] = random_processor(runs["diffusion, full"][0], artifacts["random P"])
 
     rows = []
     for phantoms in args.phantoms:
@@ -169,6 +218,7 @@ def main() -> None:
         for row in cells.itertuples(index=False)
     )
     atomic_write_text(args.out / "summary.md", text + "\n")
+    plot(table, args.sizes, args.out / "rmr_vs_p_check.png")
     print(text)
 
 

@@ -27,14 +27,14 @@ def phantoms() -> BrainPhantomDataModule:
     return dm
 
 
-def _model(artifact: Path, variant: str, readout: str = "calibrated") -> NaturalFinetuning:
+def _model(artifact: Path, variant: str, readout: str = "calibrated", trust: str = "checked") -> NaturalFinetuning:
     torch.manual_seed(0)
     return NaturalFinetuning(
         processor_artifact=str(artifact),
         variant=variant,
         encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
         head={"hidden": 8},
-        readout={"kind": readout},
+        readout={"kind": readout, "trust": trust},
     )
 
 
@@ -294,3 +294,23 @@ def test_fit_reports_how_well_p_explains_the_training_changes(
     assert model.processor_check == expected and -1.0 <= expected.r2 <= 1.0
     assert logged["p_check/r2"].dropna().tolist() == pytest.approx([expected.r2])
     assert f"P explains R^2 = {expected.r2:.3f}" in caplog.text
+
+
+def test_trusted_p_predicts_bit_identically_and_untrusted_p_is_not_heard(tiny_artifact: Path, phantoms) -> None:
+    """At trust 1 the fallback changes nothing, not even a random draw; at trust 0 the change is the
+    fallback's alone, whatever P computes."""
+    phantoms.setup("fit")
+    batch = next(iter(phantoms.val_dataloader()))
+    full, after_full = _model(tiny_artifact, "rmr", trust="full").eval(), torch.randn(3)
+    checked, after_checked = _model(tiny_artifact, "rmr").eval(), torch.randn(3)
+    assert full.model.fallback is None and checked.model.fallback is not None
+    assert torch.equal(after_full, after_checked)  # the global random state is left as it was
+    assert torch.equal(full(batch)["prediction"], checked(batch)["prediction"])
+    checked.model.trust.fill_(0.0)
+    before = checked(batch)["prediction"]
+    with torch.no_grad():
+        for param in checked.model.processor.parameters():
+            param.add_(torch.randn_like(param))
+    assert torch.equal(checked(batch)["prediction"], before)
+    assert not torch.equal(full(batch)["prediction"], before)
+    assert _model(tiny_artifact, "unfrozen").model.fallback is None  # P that learns needs no fallback

@@ -145,8 +145,9 @@ class NaturalFinetuning(L.LightningModule):
         if policy.pretrained and not policy.trainable and r2 is not None and r2 < MIN_FROZEN_R2:
             rank_zero_warn(
                 f"{path}: P reached a validation R^2 of the change of only {r2:.3f} in pretraining. "
-                f"Frozen Ps below ~{MIN_FROZEN_R2} made rmr worse than baseline in our measurements "
-                "(docs/results/imperfect_p.md); pretrain longer, or use readout.kind=residual or variant=unfrozen"
+                f"Frozen Ps below ~{MIN_FROZEN_R2} made rmr worse than baseline with full trust "
+                "(docs/results/imperfect_p.md); the P check at the start of fit sets how far it is trusted "
+                "(readout.trust: checked), and pretraining longer or variant=unfrozen may do better"
             )
 
     # what the prediction writer and studies read

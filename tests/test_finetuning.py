@@ -314,3 +314,45 @@ def test_trusted_p_predicts_bit_identically_and_untrusted_p_is_not_heard(tiny_ar
     assert torch.equal(checked(batch)["prediction"], before)
     assert not torch.equal(full(batch)["prediction"], before)
     assert _model(tiny_artifact, "unfrozen").model.fallback is None  # P that learns needs no fallback
+
+
+class _FixedEncoder(torch.nn.Module):
+    """Encoder stand-in: the same features for every region, and voxel counts given per test."""
+
+    out_channels = 3
+
+    def __init__(self, counts: torch.Tensor) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def forward(self, image, labels, num_regions):
+        return torch.ones(len(self.counts), num_regions, 3), self.counts
+
+
+@pytest.mark.parametrize("region_volume", [False, True])
+def test_region_volume_lets_the_state_follow_a_regions_size(tiny_artifact: Path, region_volume: bool) -> None:
+    """With head.region_volume the state head sees each region's voxel count (log), so a shrunken region
+    reads differently; without it only the region's presence is seen."""
+    from rmr_lightning.data.batches import ScanBatch
+    from rmr_lightning.natural import NaturalModel, StateHeadConfig
+
+    counts = torch.full((2, 84), 40.0)
+    counts[1, 5] = 10.0  # region 6 of the second subject has lost three quarters of its voxels
+    torch.manual_seed(0)
+    head = StateHeadConfig(region_centring=False, region_volume=region_volume)
+    model = NaturalModel(load_processor_artifact(tiny_artifact), "rmr", _FixedEncoder(counts), head=head).eval()
+    batch = ScanBatch(
+        image=torch.zeros(2, 1, 2, 2, 2),
+        labels=torch.zeros(2, 1, 2, 2, 2, dtype=torch.long),
+        covariates=torch.tensor([[70.0, 2.0], [70.0, 2.0]]),
+        target=torch.zeros(2, 84, 2),
+        state=torch.zeros(2, 84),
+        subject_ids=["a", "b"],
+    )
+    state = model.encode(batch)[1]  # (2, 84)
+    moved = (state[1] - state[0]).abs()
+    if region_volume:  # the shrunken region moves most; the others a little, through the subject's mean feature
+        others = torch.arange(84) != 5
+        assert moved[5] > 0 and moved[5] > 10 * moved[others].max()
+    else:
+        assert torch.equal(state[0], state[1])

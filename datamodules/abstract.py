@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.configs import LoaderConfig, as_config, plain
 from datamodules.graphs import initial_states, random_graph
-from datamodules.sampling import epoch_sampler
+from datamodules.sampling import epoch_sampler, seeded_loader
 from rmr_lightning.algorithms import AbstractSpec, DiffusionSpectrum, GraphAlgorithm, NetworkDiffusion
 from rmr_lightning.data.batches import GraphBatch
 from rmr_lightning.data.connectome import graph_tensors, load_dk84
@@ -213,14 +213,8 @@ class AbstractGraphDataModule(L.LightningDataModule):
                 self.splits[name] = self._split(name, self.hparams.seed * 1000 + offset)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[name],
-            batch_size=self.loader.batch_size,
-            sampler=epoch_sampler(self.splits[name], self.hparams.seed, shuffle=shuffle),
-            collate_fn=_identity,
-            num_workers=self.loader.num_workers,
-            persistent_workers=self.loader.num_workers > 0,
-        )
+        sampler = epoch_sampler(self.splits[name], self.hparams.seed, shuffle=shuffle)
+        return seeded_loader(self.splits[name], self.loader, sampler, _identity)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.configs import LoaderConfig, SplitConfig, as_config, flat_settings, plain
-from datamodules.sampling import check_train_size, cohort_splits, epoch_sampler
+from datamodules.sampling import check_train_size, cohort_splits, epoch_sampler, seeded_loader
 from datamodules.scans import (
     augment_training_batch,
     collate_subjects,
@@ -449,14 +449,8 @@ class BrainPhantomDataModule(L.LightningDataModule):
         sampler = epoch_sampler(self.datasets[name], self.split.subset_seed, shuffle=shuffle)
         # a ragged last batch is dropped only where this rank has more than one batch (under DDP it sees len(sampler))
         drop_last = shuffle and len(sampler) > self.loader.batch_size
-        return tio.SubjectsLoader(
-            self.datasets[name],
-            batch_size=self.loader.batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            collate_fn=collate_subjects,
-            num_workers=self.loader.num_workers,
-            persistent_workers=self.loader.num_workers > 0,
+        return seeded_loader(
+            self.datasets[name], self.loader, sampler, collate_subjects, tio.SubjectsLoader, drop_last=drop_last
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from datamodules.configs import LoaderConfig, as_config, plain
 from datamodules.freesurfer import LABEL_SCHEMES, scheme_absent
-from datamodules.sampling import epoch_sampler, training_subset
+from datamodules.sampling import epoch_sampler, seeded_loader, training_subset
 from datamodules.scan_cache import ScanCache, ScanSource
 from datamodules.scan_checks import Header, dicom_files, dicom_fingerprint, dicom_problems, same_space, volume_header
 from datamodules.scans import (
@@ -687,15 +687,8 @@ class ManifestDataModule(L.LightningDataModule):
                 self.datasets[name] = CachedScans(rows, self.cache)
 
     def _loader(self, name: str, shuffle: bool = False) -> tio.SubjectsLoader:
-        workers = self.loader.num_workers
-        return tio.SubjectsLoader(
-            self.datasets[name],
-            batch_size=self.loader.batch_size,
-            sampler=epoch_sampler(self.datasets[name], self.split.seed, shuffle=shuffle),
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            collate_fn=collate_subjects,
-        )
+        sampler = epoch_sampler(self.datasets[name], self.split.seed, shuffle=shuffle)
+        return seeded_loader(self.datasets[name], self.loader, sampler, collate_subjects, tio.SubjectsLoader)
 
     def train_dataloader(self) -> tio.SubjectsLoader:
         return self._loader("train", shuffle=True)

@@ -8,11 +8,14 @@ Lightning leaves a sampler of that type in place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch.distributed as dist
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.configs import SplitConfig
+from datamodules.configs import LoaderConfig, SplitConfig
 
 
 def epoch_sampler(dataset: Dataset, seed: int, shuffle: bool = True, drop_last: bool = False) -> DistributedSampler:
@@ -25,6 +28,27 @@ def epoch_sampler(dataset: Dataset, seed: int, shuffle: bool = True, drop_last: 
         shuffle=shuffle,
         seed=seed,
         drop_last=drop_last,
+    )
+
+
+def seeded_loader(
+    dataset: Dataset,
+    loader: LoaderConfig,
+    sampler: DistributedSampler,
+    collate_fn: Callable[[list], Any],
+    loader_class: type[DataLoader] = DataLoader,
+    drop_last: bool = False,
+) -> DataLoader:
+    """The one way datamodules build loaders: ``loader``'s batch size and workers (kept alive between epochs
+    when there are any) over an ``epoch_sampler``; ``loader_class`` e.g. TorchIO's ``SubjectsLoader``."""
+    return loader_class(
+        dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        collate_fn=collate_fn,
+        num_workers=loader.num_workers,
+        persistent_workers=loader.num_workers > 0,
     )
 
 

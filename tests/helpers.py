@@ -55,6 +55,33 @@ def tiny_manifest(manifest: Path, artifact: Path) -> list[str]:
     ]
 
 
+def ddp_fit_with_probe(config: list[str], tmp_path: Path, probe: str = "RecordSubjects") -> Path:
+    """``rmr fit`` of ``config`` (a config and its overrides) for two epochs on two CPU processes (gloo), with
+    ``tests/ddp_probe.py``'s ``probe`` callback recording each rank's view; returns the probe's folder."""
+    import json
+
+    seen = tmp_path / "seen"
+    callback = {"class_path": f"ddp_probe.{probe}", "init_args": {"dirpath": str(seen)}}
+    args = [
+        "fit",
+        *config,
+        "--trainer.max_epochs=2",
+        "--trainer.max_steps=-1",
+        "--trainer.val_check_interval=null",
+        "--trainer.check_val_every_n_epoch=1",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.callbacks=[{json.dumps(callback)}]",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.enable_progress_bar=false",
+    ]
+    result = rmr(args, env={"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return seen
+
+
 def tiny_lesion(artifact: Path) -> list[str]:
     """Overrides that make the lesion config run on a few small subjects."""
     return [

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY_PRETRAIN, rmr, tiny_manifest, tiny_natural
+from tests.helpers import TINY_PRETRAIN, ddp_fit_with_probe, rmr, tiny_manifest, tiny_natural
 
 DDP = [
     "--trainer.accelerator=cpu",
@@ -21,25 +20,8 @@ DDP = [
 
 @pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 def test_natural_ddp_ranks_see_disjoint_subjects(tiny_artifact: Path, tmp_path: Path) -> None:
-    probe = {"class_path": "ddp_probe.RecordSubjects", "init_args": {"dirpath": str(tmp_path / "seen")}}
-    args = [
-        "fit",
-        "--config",
-        "configs/natural/brain_mri.yaml",
-        *tiny_natural(tiny_artifact),
-        "--data.init_args.loader.batch_size=1",
-        "--trainer.max_epochs=2",
-        "--trainer.max_steps=-1",
-        "--trainer.val_check_interval=null",
-        "--trainer.check_val_every_n_epoch=1",
-        "--trainer.logger=false",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.callbacks=[{json.dumps(probe)}]",
-        *DDP,
-    ]
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    result = rmr(args, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    config = ["--config", "configs/natural/brain_mri.yaml", *tiny_natural(tiny_artifact)]
+    ddp_fit_with_probe([*config, "--data.init_args.loader.batch_size=1"], tmp_path)
     for epoch in (0, 1):
         ranks = [json.loads((tmp_path / "seen" / f"rank{r}_epoch{epoch}.json").read_text()) for r in (0, 1)]
         assert all(r["world_size"] == 2 for r in ranks)
@@ -54,26 +36,9 @@ def test_manifest_ddp_preprocesses_each_scan_once_and_each_rank_reads_only_its_s
 ) -> None:
     """Two ranks on a manifest of scans with an empty cache: each scan enters the cache once (rank 0 checks
     and preprocesses the data before the other rank starts), and each rank reads only its own training shard."""
-    probe = {"class_path": "ddp_probe.RecordScanReads", "init_args": {"dirpath": str(tmp_path / "seen")}}
-    args = [
-        "fit",
-        "--config",
-        "configs/natural/manifest.yaml",
-        *tiny_manifest(phantom_manifest, tiny_artifact),
-        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
-        "--data.init_args.loader.batch_size=1",
-        "--trainer.max_epochs=2",
-        "--trainer.max_steps=-1",
-        "--trainer.val_check_interval=null",
-        "--trainer.check_val_every_n_epoch=1",
-        "--trainer.logger=false",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.callbacks=[{json.dumps(probe)}]",
-        *DDP,
-    ]
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    result = rmr(args, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    config = ["--config", "configs/natural/manifest.yaml", *tiny_manifest(phantom_manifest, tiny_artifact)]
+    extra = [f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--data.init_args.loader.batch_size=1"]
+    ddp_fit_with_probe([*config, *extra], tmp_path, probe="RecordScanReads")
     seen = tmp_path / "seen"
     builds = [json.loads((seen / f"rank{r}_epoch1_reads.json").read_text())["builds"] for r in (0, 1)]
     assert sorted(builds[0] + builds[1]) == sorted(p.name for p in phantom_manifest.parent.glob("*_T1w.nii.gz"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from datamodules.lesion_ct import NODULE_TYPES, LesionCTDataModule, _LesionSubje
 from datamodules.manifest import ManifestDataModule
 from rmr_lightning.algorithms import NODULE_VDT_DAYS, growth_rate
 from rmr_lightning.cli import cli_main
-from tests.helpers import REPO, rmr, subprocess_env, tiny_lesion, tiny_model
+from tests.helpers import REPO, ddp_fit_with_probe, subprocess_env, tiny_lesion, tiny_model
 
 SMALL = dict(
     split={"train_pool": 6, "num_val": 2, "num_test": 2},
@@ -155,28 +154,8 @@ def test_lesion_finetuning_keeps_the_frozen_mlp_and_estimates_the_rate_per_subje
 
 @pytest.mark.slow  # a subprocess run or a full fit: minutes with the rest on 2 cores
 def test_lesion_ddp_ranks_read_disjoint_subjects_from_their_queues(tiny_lesion_artifact: Path, tmp_path: Path):
-    probe = {"class_path": "ddp_probe.RecordSubjects", "init_args": {"dirpath": str(tmp_path / "seen")}}
-    args = [
-        "fit",
-        "--config",
-        "configs/natural/lesion_ct.yaml",
-        *tiny_lesion(tiny_lesion_artifact),
-        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
-        "--trainer.max_epochs=2",
-        "--trainer.max_steps=-1",
-        "--trainer.val_check_interval=null",
-        "--trainer.check_val_every_n_epoch=1",
-        "--trainer.logger=false",
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.callbacks=[{json.dumps(probe)}]",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=2",
-        "--trainer.strategy=ddp",
-        "--trainer.enable_progress_bar=false",
-    ]
-    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
-    result = rmr(args, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    config = ["--config", "configs/natural/lesion_ct.yaml", *tiny_lesion(tiny_lesion_artifact)]
+    ddp_fit_with_probe([*config, f"--data.init_args.cache_dir={tmp_path / 'cache'}"], tmp_path)
     orders = []
     for epoch in (0, 1):
         ranks = [json.loads((tmp_path / "seen" / f"rank{r}_epoch{epoch}.json").read_text()) for r in (0, 1)]

@@ -17,8 +17,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MetricCollection, PearsonCorrCoef, R2Score
+from torchmetrics.classification import BinaryAUROC, BinarySensitivityAtSpecificity
 
-from rmr_lightning.algorithms import GraphAlgorithm
+from rmr_lightning.algorithms import GraphAlgorithm, suspicious_growth
 from rmr_lightning.artifact import load_processor_artifact
 from rmr_lightning.data.batches import ScanBatch
 from rmr_lightning.guards import check_gradients, check_loss
@@ -39,6 +40,8 @@ from rmr_lightning.typed_config import as_config, plain
 
 #: Pretraining validation R^2 of the change below which a frozen P is warned about (docs/results/imperfect_p.md).
 MIN_FROZEN_R2 = 0.95
+#: Specificity at which the suspicious-growth flag's sensitivity is reported.
+FLAG_SPECIFICITY = 0.9
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,13 @@ class LossConfig:
         change_weight: of the change (follow-up minus baseline), the headline.
         log_ratio_weight: of ``log(follow-up / baseline)`` where both are positive (0: off). For growth the
             log ratio sets the doubling time, ``t ln 2 / ln(V1 / V0)``; the squared errors weigh it by size.
+        flag_weight: of the binary cross-entropy of the suspicious-growth logit, where the readout has one
+            (``readout.flag_days``); the label is the true doubling time under ``flag_days``.
     """
 
     change_weight: float = 1.0
     log_ratio_weight: float = 0.0
+    flag_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,9 @@ def _stage_metrics(stage: str) -> nn.ModuleDict:
             "change": MetricCollection({"mae": MeanAbsoluteError(), "r2": R2Score()}, prefix=f"{stage}/"),
             "mae_followup": MeanAbsoluteError(),
             "state_corr": PearsonCorrCoef(),
+            # suspicious growth, where the readout has a flag: ranking, and sensitivity at 90 % specificity
+            "flag_auroc": BinaryAUROC(),
+            "flag_sensitivity": BinarySensitivityAtSpecificity(min_specificity=FLAG_SPECIFICITY),
         }
     )
 
@@ -248,7 +257,18 @@ class NaturalFinetuning(L.LightningModule):
             ratio = torch.log(pred[..., 1].clamp_min(1e-6) / pred[..., 0].clamp_min(1e-6))
             truth = torch.log(target[..., 1] / target[..., 0])
             loss = loss + self.loss_config.log_ratio_weight * nn.functional.mse_loss(ratio[growing], truth[growing])
+        if "flag_logit" in out and growing.any():
+            labels = self.flag_labels(b)
+            out["flag_label"], out["flag_known"] = labels, growing  # (B, R) each, for the metrics
+            bce = nn.functional.binary_cross_entropy_with_logits(out["flag_logit"][growing], labels[growing])
+            loss = loss + self.loss_config.flag_weight * bce
         return loss, out
+
+    def flag_labels(self, b: ScanBatch) -> Tensor:
+        """(B, R) 1.0 where the true doubling time is under ``readout.flag_days`` (Schwartz 1961)."""
+        horizon = b.covariates[:, self.time_covariate_index].unsqueeze(1)  # (B, 1) years
+        days = self.model.readout_config.flag_days
+        return suspicious_growth(b.target[..., 0], b.target[..., 1], horizon, days).float()
 
     def _shared(self, stage: str, b: ScanBatch) -> Tensor:
         loss, out = self.model_step(b)
@@ -264,6 +284,13 @@ class NaturalFinetuning(L.LightningModule):
         if follow.any():
             metrics["mae_followup"].update(pred[..., 1][follow], target[..., 1][follow])
             self.log(f"{stage}/mae_followup", metrics["mae_followup"], **log)
+        if "flag_label" in out:
+            growing = torch.isfinite(target).all(-1) & (target > 0).all(-1)
+            for name in ("flag_auroc", "flag_sensitivity"):
+                metrics[name].update(
+                    torch.sigmoid(out["flag_logit"].detach()[growing]), out["flag_label"][growing].long()
+                )
+            self.log(f"{stage}/flag_auroc", metrics["flag_auroc"], **log)
         known = torch.isfinite(b.state)
         if stage != "train" and known.sum() > 1:
             metrics["state_corr"].update(out["readout"][known].detach(), b.state[known])
@@ -290,6 +317,22 @@ class NaturalFinetuning(L.LightningModule):
 
     def test_step(self, b: ScanBatch, batch_idx: int) -> None:
         self._shared("test", b)
+
+    def _log_flag_sensitivity(self, stage: str) -> None:
+        """Sensitivity at ``FLAG_SPECIFICITY`` over the epoch (a tuple metric, so computed here)."""
+        metric = getattr(self, f"{stage}_metrics")["flag_sensitivity"]
+        if metric.update_called:
+            self.log(f"{stage}/flag_sensitivity_at_90_specificity", metric.compute()[0])
+            metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_flag_sensitivity("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_flag_sensitivity("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_flag_sensitivity("test")
 
     def predict_step(self, b: ScanBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """Per subject: predicted follow-up and baseline per region, the decoded current state, and the

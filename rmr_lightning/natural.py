@@ -117,12 +117,17 @@ class ReadoutConfig:
             node-wise MLP ``baseline`` learns with), and the change reads ``t (g(P(z)) - g(z)) + (1 - t)
             (g(F(z)) - g(z))`` with the trust ``t`` set at the start of fit from the P check
             (``trust_from_r2``); ``full``: ``t = 1`` always, no fallback.
+        flag_days: also a logit per region that its volume doubling time ``t ln 2 / ln(V1 / V0)`` is under
+            this many days (lesions: 400, suspicious growth), trained as a classification target from the
+            region's features, its state and ``P``'s change. A flag read off regressed volumes errs where
+            true doubling times lie near the threshold, as a regression shrinks toward the mean.
     """
 
     kind: Literal["calibrated", "linear", "residual"] = "calibrated"
     change_from_mean: bool = True
     state_unit: float = 1.0
     trust: Literal["checked", "full"] = "checked"
+    flag_days: float | None = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +256,14 @@ class NaturalModel(nn.Module):
         if readout.trust == "checked" and self.policy.pretrained and not self.policy.trainable:
             with torch.random.fork_rng(devices=[]):
                 self.fallback = MLPProcessor(processor.hidden_dim, num_layers=processor.num_layers)
+        self.flag_head: nn.Module | None = None
+        if readout.flag_days is not None:
+            if readout.flag_days <= 0:
+                raise ValueError(f"readout.flag_days must be positive, got {readout.flag_days}")
+            with torch.random.fork_rng(devices=[]):  # features, state now and P's change -> logit
+                self.flag_head = nn.Sequential(
+                    nn.Linear(self._head_in + 2, self._head_hidden), nn.ReLU(), nn.Linear(self._head_hidden, 1)
+                )
 
     # ---- construction (in this order: the random draws of every variant depend on it) -------------
     def _read_spec(self, spec: AbstractSpec, head: StateHeadConfig) -> None:
@@ -284,6 +297,7 @@ class NaturalModel(nn.Module):
         self.region_centring = RegionCentring(self.num_regions, channels) if head.region_centring else None
         # head input per region: its features, the subject's mean feature (contrast, scanner), presence, covariates
         head_in = (3 if head.region_centring else 2) * channels + 1 + num_cov
+        self._head_in, self._head_hidden = head_in, head.hidden
         self.state_head = nn.Sequential(nn.Linear(head_in, head.hidden), nn.ReLU(), nn.Linear(head.hidden, 1))
         self.state_init = float(head.state_init)
         # regions differ in partial volume; the offset starts the estimate near state_init (most regions are healthy)
@@ -407,9 +421,9 @@ class NaturalModel(nn.Module):
                 "longer time range, or correct the covariate"
             )
 
-    def encode(self, b: ScanBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """f'(x): returns latents (B*R, H), the estimated abstract state (B, R), scaled covariates (B, C) and
-        the voxels of each region the encoder pooled (B, R)."""
+    def encode(self, b: ScanBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """f'(x): returns latents (B*R, H), the estimated abstract state (B, R), scaled covariates (B, C),
+        the voxels of each region the encoder pooled (B, R) and the state head's input (B, R, F)."""
         if b.target.shape[1] != self.num_regions:
             raise ValueError(f"batch has {b.target.shape[1]} regions but the connectome has {self.num_regions}")
         self.check_horizons(b.covariates, b.subject_ids)
@@ -424,8 +438,10 @@ class NaturalModel(nn.Module):
         if self.region_centring is not None:  # deviations from the cohort's mean of each region
             parts.append(self.region_centring(pooled, present))
         # in (0, 1): the range of states P was pretrained on, so frozen P is never asked to extrapolate
-        state = torch.sigmoid(self.state_head(torch.cat(parts, dim=-1)).squeeze(-1) + self.state_bias)  # (B, R)
-        return self.embed(state, self.abstract_params(b.covariates, context.squeeze(1))), state, cov, counts
+        features = torch.cat(parts, dim=-1)  # (B, R, F)
+        state = torch.sigmoid(self.state_head(features).squeeze(-1) + self.state_bias)  # (B, R)
+        z = self.embed(state, self.abstract_params(b.covariates, context.squeeze(1)))
+        return z, state, cov, counts, features
 
     def embed(self, state: Tensor, params: Tensor) -> Tensor:
         """f([x', p]) per region: states (B, R) and scaled parameters of A (B, P) -> latents (B*R, H)."""
@@ -441,7 +457,7 @@ class NaturalModel(nn.Module):
     def forward(self, b: ScanBatch) -> dict[str, Tensor]:
         """Prediction (B, R, 2) of (baseline, follow-up); the estimated state, the readout g(z) and the voxels
         pooled per region, (B, R) each."""
-        z, state, cov, counts = self.encode(b)
+        z, state, cov, counts, features = self.encode(b)
         z_next = self.process(z, b.batch_size)
         bsz = b.batch_size
         now = self.decoder(z).reshape(bsz, self.num_regions)  # g(f'(x)): the current state (the readout)
@@ -463,4 +479,8 @@ class NaturalModel(nn.Module):
             baseline = mean[:, 0] + std[0] * offset[..., 0]
             change = mean[:, 2] + std[2] * offset[..., 1]
         prediction = torch.stack([baseline, baseline + change], dim=-1)
-        return {"prediction": prediction, "state_estimate": state, "readout": now, "voxels": counts}
+        out = {"prediction": prediction, "state_estimate": state, "readout": now, "voxels": counts}
+        if self.flag_head is not None:  # (B, R) logit of a doubling time under flag_days
+            flag_in = torch.cat([features, now.unsqueeze(-1), delta.unsqueeze(-1)], dim=-1)
+            out["flag_logit"] = self.flag_head(flag_in).squeeze(-1)
+        return out

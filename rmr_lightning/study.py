@@ -53,6 +53,8 @@ COLUMNS = [
     "processor_artifact",
     "processor_sha256",
     "p_check_r2",
+    "test_flag_auroc",
+    "test_flag_sensitivity",
 ]
 VARIANT_ORDER = ["rmr", "unfrozen", "scratch", "random_p", "baseline"]
 SUMMARY_FILES = (
@@ -183,6 +185,8 @@ def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
             "processor_artifact": cli.model.hparams.processor_artifact,
             "processor_sha256": cli.model.artifact_sha256,
             "p_check_r2": check.r2 if (check := getattr(cli.model, "processor_check", None)) else math.nan,
+            "test_flag_auroc": results.get("test/flag_auroc", math.nan),
+            "test_flag_sensitivity": results.get("test/flag_sensitivity_at_90_specificity", math.nan),
         }
     finally:
         if study.logger == "wandb":  # also after a failed run, or the worker's next run would join its W&B run
@@ -258,13 +262,34 @@ def summarise(frame: pd.DataFrame, measure: str = Study.measure) -> str:
         + "\n".join(notes)
         + "\n"
     )
-    text += _processor_check_note(frame)
+    text += _processor_check_note(frame) + _flag_table(frame, variants, sizes)
     if readout:  # phantoms only: scans of real subjects have no hidden true state
         text += (
             "\nCorrelation of the state decoded by the pretrained g from f'(x) with the hidden true state "
             f"(mean over runs): {readout}\n"
         )
     return text
+
+
+def _flag_table(frame: pd.DataFrame, variants: list[str], sizes: list[int]) -> str:
+    """Markdown: the suspicious-growth flag's test AUROC and sensitivity at 90 % specificity per variant and
+    size (mean over seeds), where the runs have one."""
+    if "test_flag_auroc" not in frame or frame["test_flag_auroc"].isna().all():
+        return ""
+    means = frame.groupby(["variant", "n_train"])[["test_flag_auroc", "test_flag_sensitivity"]].mean()
+    lines = ["| variant | " + " | ".join(f"n={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for v in variants:
+        cells = [
+            f"{means.loc[(v, n), 'test_flag_auroc']:.3f} / {means.loc[(v, n), 'test_flag_sensitivity']:.3f}"
+            if (v, n) in means.index
+            else ""
+            for n in sizes
+        ]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return (
+        "\nSuspicious growth (true doubling time under the flag's threshold), test AUROC / sensitivity at 90 % "
+        "specificity of the flag's logit, mean over seeds:\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def _processor_check_note(frame: pd.DataFrame) -> str:

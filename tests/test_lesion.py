@@ -206,6 +206,37 @@ def test_log_ratio_loss_adds_the_squared_error_of_log_growth(tiny_lesion_artifac
     assert torch.allclose(losses[1] - losses[0], 2.0 * expected, rtol=1e-4)
 
 
+def test_suspicious_growth_flag_is_a_classification_target(tiny_lesion_artifact: Path, tmp_path: Path):
+    """``readout.flag_days``: labels are the true doubling time under the threshold (Schwartz 1961), the loss
+    adds w * BCE of the flag's logit, and testing reports its AUROC and sensitivity at 90 % specificity."""
+    import lightning as L
+
+    dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
+    dm.setup("fit")
+    b = next(iter(dm.val_dataloader()))
+    losses = []
+    for weight in (0.0, 3.0):
+        torch.manual_seed(0)
+        readout = {"change_from_mean": False, "flag_days": 400}
+        model = _lesion_model(tiny_lesion_artifact, readout=readout, loss={"flag_weight": weight}).eval()
+        with torch.no_grad():
+            loss, out = model.model_step(b)
+        losses.append(loss)
+    v0, v1, years = b.target[..., 0].double(), b.target[..., 1].double(), b.covariates[:, :1].double()
+    days = years * 365.25 * math.log(2) / torch.log(v1 / v0)
+    expected = ((days > 0) & (days < 400)).float()
+    assert torch.equal(out["flag_label"], expected)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(out["flag_logit"], expected)
+    assert torch.allclose(losses[1] - losses[0], 3.0 * bce, rtol=1e-4)
+    assert "flag_logit" not in _lesion_model(tiny_lesion_artifact).eval()(b)  # off unless asked for
+
+    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model.train(), dm)
+    results = trainer.test(model, dm, verbose=False)[0]
+    assert 0.0 <= results["test/flag_auroc"] <= 1.0
+    assert 0.0 <= results["test/flag_sensitivity_at_90_specificity"] <= 1.0
+
+
 def _lesion_fit(
     artifact: Path, cache: Path, root: Path, epochs: int, ckpt_path: str | None = None, stop_after: int | None = None
 ):

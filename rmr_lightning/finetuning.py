@@ -353,4 +353,6 @@ class NaturalFinetuning(L.LightningModule):
         factors = {f"model.{name}": self.lr_factors.abstract for name in ABSTRACT_PARTS}
         factors["model.cohort_logits"] = self.lr_factors.cohort
         factors["model.log_gain"] = self.lr_factors.gain
+        if self.model.fallback is not None:
+            factors["model.fallback"] = self.lr_factors.abstract  # as baseline's f, MLP and g
         return configure_optimizers(self, self.optimizer, self.lr_scheduler, lr_factors=factors)

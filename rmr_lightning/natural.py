@@ -198,6 +198,21 @@ def graph_of(graph: GraphConfig) -> tuple[Tensor, list[str]]:
     raise ValueError(f"connectome must be 'dk84' or 'isolated', got {graph.connectome!r}")
 
 
+class GraphFreeFallback(nn.Module):
+    """``baseline``'s abstract path beside a frozen ``P``: its own fresh ``f`` and ``g`` (aligned, as the
+    variants without pretraining get) and a node-wise MLP of ``P``'s depth and width, all trainable.
+    ``change(abstract inputs (B*R, 1+P)) -> (B*R, 1)``: ``g(F(f(x))) - g(f(x))``."""
+
+    def __init__(self, encoder: nn.Linear, decoder: nn.Linear, processor: Processor) -> None:
+        super().__init__()
+        self.encoder, self.decoder = aligned_random_pair(encoder, decoder)
+        self.processor = MLPProcessor(processor.hidden_dim, num_layers=processor.num_layers)
+
+    def change(self, abstract: Tensor) -> Tensor:
+        z = self.encoder(abstract)
+        return self.decoder(self.processor(z)) - self.decoder(z)
+
+
 class NaturalModel(nn.Module):
     """``f'`` (scan -> abstract state) -> ``f`` -> ``P`` on the graph -> ``g'`` (readout); see the module doc.
 
@@ -250,12 +265,12 @@ class NaturalModel(nn.Module):
         """The graph-free fallback of a frozen pretrained P and the trust in P (1 until the P check sets it).
         Drawn on a forked random state, so every other draw of the run is what it was without it."""
         self.register_buffer("trust", torch.ones(()))
-        self.fallback: Processor | None = None
+        self.fallback: GraphFreeFallback | None = None
         if readout.trust not in ("checked", "full"):
             raise ValueError(f"readout.trust must be 'checked' or 'full', got {readout.trust!r}")
         if readout.trust == "checked" and self.policy.pretrained and not self.policy.trainable:
             with torch.random.fork_rng(devices=[]):
-                self.fallback = MLPProcessor(processor.hidden_dim, num_layers=processor.num_layers)
+                self.fallback = GraphFreeFallback(self.abstract_encoder, self.decoder, processor)
         self.flag_head: nn.Module | None = None
         if readout.flag_days is not None:
             if readout.flag_days <= 0:
@@ -422,8 +437,8 @@ class NaturalModel(nn.Module):
             )
 
     def encode(self, b: ScanBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """f'(x): returns latents (B*R, H), the estimated abstract state (B, R), scaled covariates (B, C),
-        the voxels of each region the encoder pooled (B, R) and the state head's input (B, R, F)."""
+        """f'(x): returns the abstract inputs ``[x', p]`` (B*R, 1+P), the estimated state (B, R), scaled
+        covariates (B, C), the voxels of each region the encoder pooled (B, R) and the head's input (B, R, F)."""
         if b.target.shape[1] != self.num_regions:
             raise ValueError(f"batch has {b.target.shape[1]} regions but the connectome has {self.num_regions}")
         self.check_horizons(b.covariates, b.subject_ids)
@@ -440,14 +455,19 @@ class NaturalModel(nn.Module):
         # in (0, 1): the range of states P was pretrained on, so frozen P is never asked to extrapolate
         features = torch.cat(parts, dim=-1)  # (B, R, F)
         state = torch.sigmoid(self.state_head(features).squeeze(-1) + self.state_bias)  # (B, R)
-        z = self.embed(state, self.abstract_params(b.covariates, context.squeeze(1)))
-        return z, state, cov, counts, features
+        abstract = self.abstract_inputs(state, self.abstract_params(b.covariates, context.squeeze(1)))
+        return abstract, state, cov, counts, features
+
+    @staticmethod
+    def abstract_inputs(state: Tensor, params: Tensor) -> Tensor:
+        """``[x', p]`` per region: states (B, R) and scaled parameters of A (B, P) -> (B*R, 1+P)."""
+        bsz, regions = state.shape
+        abstract = torch.cat([state.unsqueeze(-1), params.unsqueeze(1).expand(bsz, regions, -1)], dim=-1)  # (B, R, 1+P)
+        return abstract.reshape(bsz * regions, -1)
 
     def embed(self, state: Tensor, params: Tensor) -> Tensor:
         """f([x', p]) per region: states (B, R) and scaled parameters of A (B, P) -> latents (B*R, H)."""
-        bsz, regions = state.shape
-        abstract = torch.cat([state.unsqueeze(-1), params.unsqueeze(1).expand(bsz, regions, -1)], dim=-1)  # (B, R, 1+P)
-        return self.abstract_encoder(abstract.reshape(bsz * regions, -1))
+        return self.abstract_encoder(self.abstract_inputs(state, params))
 
     def process(self, z: Tensor, num_subjects: int) -> Tensor:
         """P on the connectome of every subject. (B*R, H) -> (B*R, H)"""
@@ -457,15 +477,16 @@ class NaturalModel(nn.Module):
     def forward(self, b: ScanBatch) -> dict[str, Tensor]:
         """Prediction (B, R, 2) of (baseline, follow-up); the estimated state, the readout g(z) and the voxels
         pooled per region, (B, R) each."""
-        z, state, cov, counts, features = self.encode(b)
+        abstract, state, cov, counts, features = self.encode(b)
+        z = self.abstract_encoder(abstract)  # f: (B*R, H)
         z_next = self.process(z, b.batch_size)
         bsz = b.batch_size
         now = self.decoder(z).reshape(bsz, self.num_regions)  # g(f'(x)): the current state (the readout)
         after = self.decoder(z_next).reshape(bsz, self.num_regions)  # g(P(f'(x))): the state at follow-up
         delta = after - now  # P's change of the state, (B, R)
         if self.fallback is not None:  # as far as P is not trusted, the change of the graph-free fallback
-            moved = self.decoder(self.fallback(z))  # node-wise: no graph
-            delta = self.trust * delta + (1 - self.trust) * (moved.reshape(bsz, self.num_regions) - now)
+            moved = self.fallback.change(abstract).reshape(bsz, self.num_regions)  # node-wise: no graph
+            delta = self.trust * delta + (1 - self.trust) * moved
         gain = self.log_gain.exp()
         offset = self.covariate_decoder(cov).unsqueeze(1) + self.region_bias  # (B, R, 2), in training spreads
         if self.latent_decoder is not None:  # linear, residual: a map of [z, P(z)] (B*R, 2H) -> (B, R, 2)

@@ -209,7 +209,12 @@ class NaturalFinetuning(L.LightningModule):
             return
         metrics = self.processor_check.as_metrics()
         text = f"P check: {self.processor_check.summary()}"
-        if self.model.fallback is not None:
+        if self.model.subject_params and not self.model.policy.trainable:
+            text += (
+                f"; not used for trust: parameters {self.model.subject_params} are estimated per scan, "
+                "which the check's one cohort value cannot follow, so a frozen P stays fully trusted"
+            )
+        elif self.model.fallback is not None:
             trust = trust_from_r2(self.processor_check.r2)
             self.model.trust.fill_(trust)
             metrics["p_check/trust"] = trust

@@ -116,7 +116,8 @@ class ReadoutConfig:
         trust: ``checked``: a frozen pretrained ``P`` (``rmr``) gets a trainable graph-free fallback ``F`` (the
             node-wise MLP ``baseline`` learns with), and the change reads ``t (g(P(z)) - g(z)) + (1 - t)
             (g(F(z)) - g(z))`` with the trust ``t`` set at the start of fit from the P check
-            (``trust_from_r2``); ``full``: ``t = 1`` always, no fallback.
+            (``trust_from_r2``); ``full``: ``t = 1`` always, no fallback (also where ``subject_params`` are
+            estimated per scan, which the check cannot follow).
         flag_days: also a logit per region that its volume doubling time ``t ln 2 / ln(V1 / V0)`` is under
             this many days (lesions: 400, suspicious growth), trained as a classification target from the
             region's features, its state and ``P``'s change. A flag read off regressed volumes errs where
@@ -268,7 +269,13 @@ class NaturalModel(nn.Module):
         self.fallback: GraphFreeFallback | None = None
         if readout.trust not in ("checked", "full"):
             raise ValueError(f"readout.trust must be 'checked' or 'full', got {readout.trust!r}")
-        if readout.trust == "checked" and self.policy.pretrained and not self.policy.trainable:
+        # per-scan parameters of A (subject_params) are beyond the P check's one cohort value: no trust from it
+        if (
+            readout.trust == "checked"
+            and self.policy.pretrained
+            and not self.policy.trainable
+            and not self.subject_params
+        ):
             with torch.random.fork_rng(devices=[]):
                 self.fallback = GraphFreeFallback(self.abstract_encoder, self.decoder, processor)
         self.flag_head: nn.Module | None = None

@@ -230,7 +230,14 @@ def test_suspicious_growth_flag_is_a_classification_target(tiny_lesion_artifact:
     assert torch.allclose(losses[1] - losses[0], 3.0 * bce, rtol=1e-4)
     assert "flag_logit" not in _lesion_model(tiny_lesion_artifact).eval()(b)  # off unless asked for
 
-    trainer = L.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model.train(), dm)
     results = trainer.test(model, dm, verbose=False)[0]
     assert 0.0 <= results["test/flag_auroc"] <= 1.0

@@ -274,9 +274,13 @@ def summarise(frame: pd.DataFrame, measure: str = Study.measure) -> str:
 def _flag_table(frame: pd.DataFrame, variants: list[str], sizes: list[int]) -> str:
     """Markdown: the suspicious-growth flag's test AUROC and sensitivity at 90 % specificity per variant and
     size (mean over seeds), where the runs have one."""
-    if "test_flag_auroc" not in frame or frame["test_flag_auroc"].isna().all():
+    columns = ["test_flag_auroc", "test_flag_sensitivity"]
+    if any(c not in frame for c in columns):
         return ""
-    means = frame.groupby(["variant", "n_train"])[["test_flag_auroc", "test_flag_sensitivity"]].mean()
+    frame = frame.assign(**{c: pd.to_numeric(frame[c], errors="coerce") for c in columns})  # blank cells: NaN
+    if frame["test_flag_auroc"].isna().all():
+        return ""
+    means = frame.groupby(["variant", "n_train"])[columns].mean()
     lines = ["| variant | " + " | ".join(f"n={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for v in variants:
         cells = [
@@ -294,7 +298,10 @@ def _flag_table(frame: pd.DataFrame, variants: list[str], sizes: list[int]) -> s
 
 def _processor_check_note(frame: pd.DataFrame) -> str:
     """The P check of the variants that use the artifact's P: R^2 of P's change on each run's training set."""
-    if "p_check_r2" not in frame or frame["p_check_r2"].isna().all():
+    if "p_check_r2" not in frame:
+        return ""
+    frame = frame.assign(p_check_r2=pd.to_numeric(frame["p_check_r2"], errors="coerce"))  # blank cells: NaN
+    if frame["p_check_r2"].isna().all():
         return ""
     checked = frame.dropna(subset=["p_check_r2"]).groupby("n_train")["p_check_r2"].agg(["mean", "min"])
     cells = ", ".join(f"n={n}: {row['mean']:.3f} (lowest {row['min']:.3f})" for n, row in checked.iterrows())

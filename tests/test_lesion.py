@@ -136,7 +136,8 @@ def test_lesion_finetuning_keeps_the_frozen_mlp_and_estimates_the_rate_per_subje
     assert all(torch.equal(before[k], v) for k, v in model.model.processor.state_dict().items())
     assert not torch.equal(head, model.model.param_head[0].weight)  # the rate head learns through the frozen P
     b = next(iter(dm.val_dataloader()))
-    z, *_ = model.model.encode(b)
+    abstract, *_ = model.model.encode(b)
+    z = model.model.abstract_encoder(abstract)
     params = (
         model.model.abstract_params(b.covariates, model.model.encoder(b.image, b.labels, 1)[0][:, 0])
         * model.model.param_scale
@@ -180,7 +181,8 @@ def test_calibrated_change_starts_from_p_alone_or_from_the_mean(
     b = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         out = model(b)
-        z, *_ = model.model.encode(b)
+        abstract, *_ = model.model.encode(b)
+        z = model.model.abstract_encoder(abstract)
         now, after = model.model.decoder(z).reshape(2, 1), model.model.decoder(model.model.process(z, 2)).reshape(2, 1)
     change = out["prediction"][..., 1] - out["prediction"][..., 0]
     expected = 4.0 * (after - now) + (5.0 if from_mean else 0.0)

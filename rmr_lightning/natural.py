@@ -113,11 +113,11 @@ class ReadoutConfig:
         change_from_mean: the change starts from the training mean change plus ``P``'s change (brain: ageing
             is most of it) or from ``P``'s change alone (lesions: growth is all of it).
         state_unit: target units per unit of state, where the gains start (lesions: mL per 20 mm sphere).
-        trust: ``checked``: a frozen pretrained ``P`` (``rmr``) gets a trainable graph-free fallback ``F`` (the
-            node-wise MLP ``baseline`` learns with), and the change reads ``t (g(P(z)) - g(z)) + (1 - t)
-            (g(F(z)) - g(z))`` with the trust ``t`` set at the start of fit from the P check
-            (``trust_from_r2``); ``full``: ``t = 1`` always, no fallback (also where ``subject_params`` are
-            estimated per scan, which the check cannot follow).
+        trust: ``checked``: a frozen pretrained ``P`` (``rmr``) gets a trainable graph-free fallback
+            (``GraphFreeFallback``, ``baseline``'s abstract path), and the change of the state reads
+            ``t (g(P(z)) - g(z)) + (1 - t) (fallback's change)`` with the trust ``t`` set at the start of
+            fit from the P check (``trust_from_r2``); ``full``: ``t = 1`` always, no fallback (also where
+            ``subject_params`` are estimated per scan, which the check cannot follow).
         flag_days: also a logit per region that its volume doubling time ``t ln 2 / ln(V1 / V0)`` is under
             this many days (lesions: 400, suspicious growth), trained as a classification target from the
             region's features, its state and ``P``'s change. A flag read off regressed volumes errs where
@@ -261,6 +261,7 @@ class NaturalModel(nn.Module):
         for name in self.frozen:
             freeze(getattr(self, name))
         self._build_fallback(artifact.processor, readout)
+        self._build_flag_head(readout)
 
     def _build_fallback(self, processor: Processor, readout: ReadoutConfig) -> None:
         """The graph-free fallback of a frozen pretrained P and the trust in P (1 until the P check sets it).
@@ -278,6 +279,9 @@ class NaturalModel(nn.Module):
         ):
             with torch.random.fork_rng(devices=[]):
                 self.fallback = GraphFreeFallback(self.abstract_encoder, self.decoder, processor)
+
+    def _build_flag_head(self, readout: ReadoutConfig) -> None:
+        """The suspicious-growth logit (``readout.flag_days``), on a forked random state as the fallback."""
         self.flag_head: nn.Module | None = None
         if readout.flag_days is not None:
             if readout.flag_days <= 0:

@@ -286,9 +286,10 @@ class NaturalModel(nn.Module):
         if readout.flag_days is not None:
             if readout.flag_days <= 0:
                 raise ValueError(f"readout.flag_days must be positive, got {readout.flag_days}")
+            first = self.state_head[0]  # the flag head is the state head's size, with two more inputs
             with torch.random.fork_rng(devices=[]):  # features, state now and P's change -> logit
                 self.flag_head = nn.Sequential(
-                    nn.Linear(self._head_in + 2, self._head_hidden), nn.ReLU(), nn.Linear(self._head_hidden, 1)
+                    nn.Linear(first.in_features + 2, first.out_features), nn.ReLU(), nn.Linear(first.out_features, 1)
                 )
 
     # ---- construction (in this order: the random draws of every variant depend on it) -------------
@@ -323,7 +324,6 @@ class NaturalModel(nn.Module):
         self.region_centring = RegionCentring(self.num_regions, channels) if head.region_centring else None
         # head input per region: its features, the subject's mean feature (contrast, scanner), presence, covariates
         head_in = (3 if head.region_centring else 2) * channels + 1 + num_cov
-        self._head_in, self._head_hidden = head_in, head.hidden
         self.state_head = nn.Sequential(nn.Linear(head_in, head.hidden), nn.ReLU(), nn.Linear(head.hidden, 1))
         self.state_init = float(head.state_init)
         # regions differ in partial volume; the offset starts the estimate near state_init (most regions are healthy)

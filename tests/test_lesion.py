@@ -189,19 +189,26 @@ def test_calibrated_change_starts_from_p_alone_or_from_the_mean(
     assert torch.allclose(change, expected, atol=1e-5)
 
 
-def test_log_ratio_loss_adds_the_squared_error_of_log_growth(tiny_lesion_artifact: Path, tmp_path: Path):
-    """``log_ratio_weight``: loss + w * mean (log(V1/V0)_pred - log(V1/V0)_true)^2 over positive targets."""
-
-    dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
+def _loss_at_two_weights(artifact: Path, cache: Path, term: str, weight: float, **kwargs):
+    """The small lesion cohort, a validation batch of it and the lesion model's loss on it with ``loss.<term>``
+    at 0 and at ``weight`` (same seed): (cohort, batch, [loss at 0, loss at weight], outputs at weight, that model)."""
+    dm = LesionCTDataModule(**SMALL, cache_dir=str(cache))
     dm.setup("fit")
     b = next(iter(dm.val_dataloader()))
     losses = []
-    for weight in (0.0, 2.0):
+    for w in (0.0, weight):
         torch.manual_seed(0)
-        model = _lesion_model(tiny_lesion_artifact, loss={"log_ratio_weight": weight}).eval()
+        model = _lesion_model(artifact, loss={term: w}, **kwargs).eval()
         with torch.no_grad():
             loss, out = model.model_step(b)
         losses.append(loss)
+    return dm, b, losses, out, model
+
+
+def test_log_ratio_loss_adds_the_squared_error_of_log_growth(tiny_lesion_artifact: Path, tmp_path: Path):
+    """``log_ratio_weight``: loss + w * mean (log(V1/V0)_pred - log(V1/V0)_true)^2 over positive targets."""
+
+    _, b, losses, out, _ = _loss_at_two_weights(tiny_lesion_artifact, tmp_path, "log_ratio_weight", 2.0)
     pred, truth = out["prediction"].clamp_min(1e-6), b.target  # a volume predicted <= 0 counts as 1e-6
     assert (truth > 0).all()
     expected = ((torch.log(pred[..., 1] / pred[..., 0]) - torch.log(truth[..., 1] / truth[..., 0])) ** 2).mean()
@@ -213,17 +220,10 @@ def test_suspicious_growth_flag_is_a_classification_target(tiny_lesion_artifact:
     adds w * BCE of the flag's logit, and testing reports its AUROC and sensitivity at 90 % specificity."""
     import lightning as L
 
-    dm = LesionCTDataModule(**SMALL, cache_dir=str(tmp_path))
-    dm.setup("fit")
-    b = next(iter(dm.val_dataloader()))
-    losses = []
-    for weight in (0.0, 3.0):
-        torch.manual_seed(0)
-        readout = {"change_from_mean": False, "flag_days": 400}
-        model = _lesion_model(tiny_lesion_artifact, readout=readout, loss={"flag_weight": weight}).eval()
-        with torch.no_grad():
-            loss, out = model.model_step(b)
-        losses.append(loss)
+    readout = {"change_from_mean": False, "flag_days": 400}
+    dm, b, losses, out, model = _loss_at_two_weights(
+        tiny_lesion_artifact, tmp_path, "flag_weight", 3.0, readout=readout
+    )
     v0, v1, years = b.target[..., 0].double(), b.target[..., 1].double(), b.covariates[:, :1].double()
     days = years * 365.25 * math.log(2) / torch.log(v1 / v0)
     expected = ((days > 0) & (days < 400)).float()

@@ -55,6 +55,8 @@ COLUMNS = [
     "p_check_r2",
     "test_flag_auroc",
     "test_flag_sensitivity",
+    "val_flag_auroc",
+    "val_flag_sensitivity",
 ]
 VARIANT_ORDER = ["rmr", "unfrozen", "scratch", "random_p", "baseline"]
 SUMMARY_FILES = (
@@ -157,6 +159,16 @@ def prepare(study: Study) -> None:
     gc.collect()  # the CLI's objects reference each other (see run_one)
 
 
+def _flag_validation(cli, checkpoint: str) -> dict:
+    """Validation metrics of the checkpoint that was tested, where the model has a suspicious-growth flag:
+    what a flag setting (e.g. ``loss.flag_weight``) is chosen on, so the test set is not."""
+    if getattr(cli.model.model, "flag_head", None) is None:
+        return {}
+    return cli.trainer.validate(
+        cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint or None, verbose=False, weights_only=True
+    )[0]
+
+
 def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
     """Fit and test one configuration; returns its row of ``summary.csv``."""
     _, args = _run_args(study, variant, n_train, seed)
@@ -170,6 +182,7 @@ def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
             cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint or None, verbose=False, weights_only=True
         )[0]
         val = cli.trainer.checkpoint_callback.best_model_score if cli.trainer.checkpoint_callback else None
+        flag_val = _flag_validation(cli, checkpoint)
         return {
             "task": study.task,
             "variant": variant,
@@ -187,6 +200,8 @@ def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
             "p_check_r2": check.r2 if (check := getattr(cli.model, "processor_check", None)) else math.nan,
             "test_flag_auroc": results.get("test/flag_auroc", math.nan),
             "test_flag_sensitivity": results.get("test/flag_sensitivity_at_90_specificity", math.nan),
+            "val_flag_auroc": flag_val.get("val/flag_auroc", math.nan),
+            "val_flag_sensitivity": flag_val.get("val/flag_sensitivity_at_90_specificity", math.nan),
         }
     finally:
         if study.logger == "wandb":  # also after a failed run, or the worker's next run would join its W&B run

@@ -17,7 +17,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MetricCollection, PearsonCorrCoef, R2Score
-from torchmetrics.classification import BinaryAUROC, BinarySensitivityAtSpecificity
+from torchmetrics.classification import (
+    BinaryAUROC,
+    BinaryRecall,
+    BinarySensitivityAtSpecificity,
+    BinarySpecificity,
+)
 
 from rmr_lightning.algorithms import GraphAlgorithm, suspicious_growth
 from rmr_lightning.artifact import load_processor_artifact
@@ -88,6 +93,9 @@ def _stage_metrics(stage: str) -> nn.ModuleDict:
             # suspicious growth, where the readout has a flag: ranking, and sensitivity at 90 % specificity
             "flag_auroc": BinaryAUROC(),
             "flag_sensitivity": BinarySensitivityAtSpecificity(min_specificity=FLAG_SPECIFICITY),
+            # at the operating point chosen on validation (``flag_threshold``): what a reader would get
+            "flag_sensitivity_at_threshold": BinaryRecall(),
+            "flag_specificity_at_threshold": BinarySpecificity(),
         }
     )
 
@@ -291,11 +299,15 @@ class NaturalFinetuning(L.LightningModule):
             self.log(f"{stage}/mae_followup", metrics["mae_followup"], **log)
         if "flag_label" in out:
             growing = torch.isfinite(target).all(-1) & (target > 0).all(-1)
+            probability, label = torch.sigmoid(out["flag_logit"].detach()[growing]), out["flag_label"][growing].long()
             for name in ("flag_auroc", "flag_sensitivity"):
-                metrics[name].update(
-                    torch.sigmoid(out["flag_logit"].detach()[growing]), out["flag_label"][growing].long()
-                )
+                metrics[name].update(probability, label)
             self.log(f"{stage}/flag_auroc", metrics["flag_auroc"], **log)
+            if stage == "test":
+                flagged = (probability >= self.model.flag_threshold).float()
+                for name in ("flag_sensitivity_at_threshold", "flag_specificity_at_threshold"):
+                    metrics[name].update(flagged, label)
+                    self.log(f"{stage}/{name}", metrics[name], **log)
         known = torch.isfinite(b.state)
         if stage != "train" and known.sum() > 1:
             metrics["state_corr"].update(out["readout"][known].detach(), b.state[known])
@@ -327,7 +339,10 @@ class NaturalFinetuning(L.LightningModule):
         """Sensitivity at ``FLAG_SPECIFICITY`` over the epoch (a tuple metric, so computed here)."""
         metric = getattr(self, f"{stage}_metrics")["flag_sensitivity"]
         if metric.update_called:
-            self.log(f"{stage}/flag_sensitivity_at_90_specificity", metric.compute()[0])
+            sensitivity, threshold = metric.compute()
+            self.log(f"{stage}/flag_sensitivity_at_90_specificity", sensitivity)
+            if stage == "val" and not self.trainer.sanity_checking:
+                self.model.flag_threshold.fill_(float(threshold))
             metric.reset()
 
     def on_train_epoch_end(self) -> None:
@@ -349,9 +364,16 @@ class NaturalFinetuning(L.LightningModule):
             "followup": out["prediction"][..., 1].cpu(),
             "baseline": out["prediction"][..., 0].cpu(),
             "state": out["readout"].cpu(),
-            "voxels": out[
-                "voxels"
-            ].cpu(),  # 0: the region is not in the label map; its values come from P and the mean alone
+            "voxels": out["voxels"].cpu(),  # 0: the region is not in the label map; from P and the mean alone
+            # the suspicious-growth flag's probability, and the operating point chosen on validation
+            **(
+                {
+                    "flag_probability": torch.sigmoid(out["flag_logit"]).cpu(),
+                    "flag_threshold": self.model.flag_threshold,
+                }
+                if "flag_logit" in out
+                else {}
+            ),
         }
 
     def configure_optimizers(self) -> Any:

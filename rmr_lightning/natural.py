@@ -286,6 +286,9 @@ class NaturalModel(nn.Module):
         if readout.flag_days is not None:
             if readout.flag_days <= 0:
                 raise ValueError(f"readout.flag_days must be positive, got {readout.flag_days}")
+            # the operating point: the probability at which validation reaches 90 % specificity, set at each
+            # validation, so the checkpoint chosen on validation carries the threshold of that validation
+            self.register_buffer("flag_threshold", torch.full((), 0.5))
             first = self.state_head[0]  # the flag head is the state head's size, with two more inputs
             with torch.random.fork_rng(devices=[]):  # features, state now and P's change -> logit
                 self.flag_head = nn.Sequential(

@@ -30,8 +30,12 @@ def _rows(outputs: list[dict[str, Any]], regions: list[str], covariate_names: li
         for i, subject in enumerate(out["subject_ids"]):
             row: dict[str, Any] = {"subject_id": subject}
             row.update({name: float(v) for name, v in zip(covariate_names, out["covariates"][i].tolist(), strict=True)})
-            for kind in ("followup", "baseline", "state"):
-                row.update({f"{name}_{kind}": float(v) for name, v in zip(regions, out[kind][i].tolist(), strict=True)})
+            for kind in ("followup", "baseline", "state", "flag_probability"):
+                if kind in out:  # the flag's probability where the model has one (``readout.flag_days``)
+                    values = out[kind][i].tolist()
+                    row.update({f"{name}_{kind}": float(v) for name, v in zip(regions, values, strict=True)})
+            if "flag_threshold" in out:
+                row["flag_threshold"] = float(out["flag_threshold"])
             # regions the label map lacks: predicted from P and the training mean, with nothing read from the scan
             row["absent_regions"] = ";".join(
                 name for name, n in zip(regions, out["voxels"][i].tolist(), strict=True) if n == 0
@@ -114,8 +118,11 @@ class RegionalPredictionWriter(BasePredictionWriter):
 
 class GrowthPredictionWriter(RegionalPredictionWriter):
     """For growth tasks (lesions): also each region's predicted volume doubling time and whether it is
-    suspicious, ``t ln 2 / ln(V1 / V0) < threshold`` (Schwartz 1961; 400 d for lung nodules), and a figure
-    of the predicted growth against the threshold's doubling curve on a log-volume axis.
+    suspicious, and a figure of the predicted growth against the threshold's doubling curve on a log-volume
+    axis. Where the model has a suspicious-growth flag (``readout.flag_days``), a region is suspicious when
+    the flag's probability reaches the operating point chosen on validation (90 % specificity; column
+    ``flag_threshold``); otherwise when the predicted ``t ln 2 / ln(V1 / V0) < threshold_days`` (Schwartz
+    1961; 400 d for lung nodules), which errs more (docs/results/lesion.md).
 
     Args:
         output_dir, max_figures: as ``RegionalPredictionWriter``.
@@ -141,7 +148,10 @@ class GrowthPredictionWriter(RegionalPredictionWriter):
             v0 = torch.tensor(frame[f"{r}_baseline"].to_numpy(), dtype=torch.float64)
             v1 = torch.tensor(frame[f"{r}_followup"].to_numpy(), dtype=torch.float64)
             extra[f"{r}_vdt_days"] = doubling_time_days(v0, v1, horizon).numpy()
-            extra[f"{r}_suspicious"] = suspicious_growth(v0, v1, horizon, self.threshold_days).numpy()
+            if f"{r}_flag_probability" in frame:
+                extra[f"{r}_suspicious"] = (frame[f"{r}_flag_probability"] >= frame["flag_threshold"]).to_numpy()
+            else:
+                extra[f"{r}_suspicious"] = suspicious_growth(v0, v1, horizon, self.threshold_days).numpy()
         return frame.assign(**extra)
 
     def plot(self, row: pd.Series, pl_module: L.LightningModule, path: Path) -> None:
@@ -172,6 +182,8 @@ class GrowthPredictionWriter(RegionalPredictionWriter):
             ax.set_xlabel(f"years from baseline ({days:.0f} d to follow-up)")
             ax.set_ylabel(f"{r} volume ({self.unit})")
             flag = "suspicious" if row[f"{r}_suspicious"] else "not suspicious"
+            if f"{r}_flag_probability" in row:
+                flag = f"flag p = {row[f'{r}_flag_probability']:.2f}: {flag}"
             if math.isfinite(vdt):
                 title = f"VDT {vdt:.0f} d: {flag}"
             else:  # inf: no growth; NaN: a volume predicted at or below zero

@@ -399,9 +399,21 @@ def log_study_to_wandb(study: Study, frame: pd.DataFrame, out: Path) -> str:
         run.finish()
 
 
-def _quiet_worker(threads: int) -> None:
-    """Initialiser of a study worker process: its share of the CPU threads, Lightning's chatter off."""
+def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    """Exit as soon as the study process that started this worker is gone (SIGTERM, SIGKILL, OOM): an
+    orphaned worker would go on writing into the run folder the next study resumes from."""
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(1)
+
+
+def _quiet_worker(threads: int, parent: int) -> None:
+    """Initialiser of a study worker process: its share of the CPU threads, Lightning's chatter off, and a
+    watch that ends it with its parent."""
+    import threading
     import warnings
+
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="parent-watch").start()
 
     import torch
 
@@ -416,7 +428,10 @@ def _executor(workers: int) -> Executor | None:
         return None
     threads = max(1, (os.cpu_count() or 1) // workers)
     return ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_worker, initargs=(threads,)
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_quiet_worker,
+        initargs=(threads, os.getpid()),
     )
 
 

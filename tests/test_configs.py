@@ -135,7 +135,15 @@ def test_lesion_natural_config_fast_dev_run(tiny_lesion_artifact: Path, tmp_path
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
-def test_lesion_predict_writes_volumes_doubling_times_and_flags(tiny_lesion_artifact: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("flag_head", [True, False])
+def test_lesion_predict_writes_volumes_doubling_times_and_flags(
+    flag_head: bool, tiny_lesion_artifact: Path, tmp_path: Path
+) -> None:
+    """Suspicious: the flag's probability at the validation's operating point where the model has the flag
+    (the lesion config), else the predicted doubling time under 400 d."""
+    # a config file, as jsonargparse reads `--...readout.flag_days=null` inside an optional dataclass as a string
+    no_flag = tmp_path / "no_flag.yaml"
+    no_flag.write_text("model:\n  init_args:\n    readout:\n      flag_days: null\n")
     writer = {
         "class_path": "rmr_lightning.prediction.GrowthPredictionWriter",
         "init_args": {"output_dir": str(tmp_path / "pred"), "max_figures": 1},
@@ -149,9 +157,12 @@ def test_lesion_predict_writes_volumes_doubling_times_and_flags(tiny_lesion_arti
             "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}",
             f"--trainer.callbacks=[{writer}]",
+            *([] if flag_head else ["--config", str(no_flag)]),
         ],
         run=False,
     )
+    if flag_head:
+        cli.model.model.flag_threshold.fill_(0.37)  # as a validation would have set it
     cli.trainer.predict(cli.model, datamodule=cli.datamodule)
     frame = pd.read_csv(tmp_path / "pred" / "predictions.csv")
     assert len(frame) == 2 and {
@@ -166,7 +177,12 @@ def test_lesion_predict_writes_volumes_doubling_times_and_flags(tiny_lesion_arti
     with np.errstate(invalid="ignore", divide="ignore"):
         expected = t * 365.25 * np.log(2.0) / np.log(v1 / v0)
     assert np.allclose(frame["lesion_vdt_days"][grows], expected[grows])
-    assert (frame["lesion_suspicious"] == (grows & (expected < 400.0))).all()
+    if flag_head:
+        assert frame["flag_threshold"].eq(0.37).all() and frame["lesion_flag_probability"].between(0, 1).all()
+        assert (frame["lesion_suspicious"] == (frame["lesion_flag_probability"] >= 0.37)).all()
+    else:
+        assert "lesion_flag_probability" not in frame
+        assert (frame["lesion_suspicious"] == (grows & (expected < 400.0))).all()
     assert [p.name for p in (tmp_path / "pred" / "figures").glob("*.png")] == ["subject_0000.png"]
 
 

@@ -246,6 +246,62 @@ def test_suspicious_growth_flag_is_a_classification_target(tiny_lesion_artifact:
     assert 0.0 <= results["test/flag_sensitivity_at_90_specificity"] <= 1.0
 
 
+def _flag_scores(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probability, label) of the suspicious-growth flag over a loader's nodules."""
+    probs, labels = [], []
+    with torch.no_grad():
+        for b in loader:
+            _, out = model.model_step(b)
+            probs.append(torch.sigmoid(out["flag_logit"]).flatten())
+            labels.append(out["flag_label"].flatten())
+    return torch.cat(probs), torch.cat(labels)
+
+
+def test_flag_operating_point_is_chosen_on_validation_and_travels_in_the_checkpoint(
+    tiny_lesion_artifact: Path, tmp_path: Path
+):
+    """Each validation sets ``flag_threshold`` to the probability where validation reaches 90 % specificity
+    with the most sensitivity; the checkpoint keeps it and testing reports sensitivity and specificity there."""
+    import lightning as L
+
+    dm = LesionCTDataModule(
+        **{**SMALL, "split": {"train_pool": 6, "num_val": 12, "num_test": 12}}, cache_dir=str(tmp_path)
+    )
+    readout = {"change_from_mean": False, "flag_days": 400}
+    torch.manual_seed(0)
+    model = _lesion_model(tiny_lesion_artifact, readout=readout)
+    assert float(model.model.flag_threshold) == 0.5  # before any validation
+    trainer = L.Trainer(max_steps=3, logger=False, default_root_dir=tmp_path, enable_progress_bar=False)
+    trainer.fit(model, dm)
+    trainer.validate(model, dm, verbose=False)
+    threshold = float(model.model.flag_threshold)
+    prob, label = _flag_scores(model.eval(), dm.val_dataloader())
+    assert 0 < label.sum() < len(label), "the small cohort needs both classes"
+
+    def specificity(t: float) -> float:
+        return float(((prob < t) & (label == 0)).sum() / (label == 0).sum())
+
+    def sensitivity(t: float) -> float:
+        return float(((prob >= t) & (label == 1)).sum() / (label == 1).sum())
+
+    assert specificity(threshold) >= 0.9 - 1e-6
+    best = max(sensitivity(float(t)) for t in prob if specificity(float(t)) >= 0.9 - 1e-6)
+    assert sensitivity(threshold) == pytest.approx(best)
+
+    trainer.save_checkpoint(tmp_path / "flag.ckpt")
+    saved = torch.load(tmp_path / "flag.ckpt", weights_only=True)["state_dict"]
+    assert float(saved["model.flag_threshold"]) == threshold
+    results = trainer.test(model, dm, verbose=False)[0]
+    prob, label = _flag_scores(model.eval(), dm.test_dataloader())
+    flagged = prob >= threshold
+    assert results["test/flag_sensitivity_at_threshold"] == pytest.approx(
+        float((flagged & (label == 1)).sum() / (label == 1).sum().clamp_min(1))
+    )
+    assert results["test/flag_specificity_at_threshold"] == pytest.approx(
+        float((~flagged & (label == 0)).sum() / (label == 0).sum().clamp_min(1))
+    )
+
+
 def _lesion_fit(
     artifact: Path, cache: Path, root: Path, epochs: int, ckpt_path: str | None = None, stop_after: int | None = None
 ):

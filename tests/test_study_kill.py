@@ -188,3 +188,52 @@ def test_an_unreadable_summary_is_an_error_naming_the_file(tmp_path: Path, text:
     csv.write_bytes(text.encode("latin-1"))
     with pytest.raises(ValueError, match=re.escape(str(csv))):
         read_summary(csv)
+
+
+_ORPHAN_SCRIPT = """
+import sys, time
+from rmr_lightning.study import _executor
+executor = _executor(2)
+futures = [executor.submit(time.sleep, 120) for _ in range(2)]
+time.sleep(0.5)
+while len(executor._processes) < 2:
+    time.sleep(0.1)
+print(" ".join(str(pid) for pid in executor._processes), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_study_workers_exit_with_the_study_process(sig: signal.Signals, tmp_path: Path) -> None:
+    """Killing ``rmr-study`` (not its process group) ends its worker processes too, within seconds, instead
+    of leaving them running the current run into the folder the next study resumes from."""
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(workers) == 2
+        time.sleep(1.0)  # the workers' initialiser (torch import, the watch) has run while tasks were queued
+        parent.send_signal(sig)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        alive = workers
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = [pid for pid in workers if _alive(pid)]
+        assert not alive, f"workers {alive} outlived the study process"
+    finally:
+        parent.kill()
+        for pid in workers if "workers" in locals() else []:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie reaped by init or not, it no longer runs)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

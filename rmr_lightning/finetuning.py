@@ -226,7 +226,8 @@ class NaturalFinetuning(L.LightningModule):
             trust = trust_from_r2(self.processor_check.r2)
             self.model.trust.fill_(trust)
             metrics["p_check/trust"] = trust
-            text += f"; trust in frozen P {trust:.2f}, the rest from a graph-free fallback"
+            kind = "graph" if self.model.readout_config.fallback == "graph" else "graph-free"
+            text += f"; trust in frozen P {trust:.2f}, the rest from a {kind} fallback"
         rank_zero_info(text)
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:
@@ -381,5 +382,5 @@ class NaturalFinetuning(L.LightningModule):
         factors["model.cohort_logits"] = self.lr_factors.cohort
         factors["model.log_gain"] = self.lr_factors.gain
         if self.model.fallback is not None:
-            factors["model.fallback"] = self.lr_factors.abstract  # as baseline's f, MLP and g
+            factors["model.fallback"] = self.lr_factors.abstract  # as baseline's (scratch's) f, P and g
         return configure_optimizers(self, self.optimizer, self.lr_scheduler, lr_factors=factors)

@@ -113,11 +113,13 @@ class ReadoutConfig:
         change_from_mean: the change starts from the training mean change plus ``P``'s change (brain: ageing
             is most of it) or from ``P``'s change alone (lesions: growth is all of it).
         state_unit: target units per unit of state, where the gains start (lesions: mL per 20 mm sphere).
-        trust: ``checked``: a frozen pretrained ``P`` (``rmr``) gets a trainable graph-free fallback
-            (``GraphFreeFallback``, ``baseline``'s abstract path), and the change of the state reads
+        trust: ``checked``: a frozen pretrained ``P`` (``rmr``) gets a trainable fallback
+            (``TrustFallback``, the abstract path of ``baseline`` or ``scratch``), and the change of the state reads
             ``t (g(P(z)) - g(z)) + (1 - t) (fallback's change)`` with the trust ``t`` set at the start of
             fit from the P check (``trust_from_r2``); ``full``: ``t = 1`` always, no fallback (also where
             ``subject_params`` are estimated per scan, which the check cannot follow).
+        fallback: ``mlp`` (``baseline``'s node-wise MLP) or ``graph`` (``scratch``'s fresh ``P`` on the
+            connectome): what an untrusted ``P`` hands the change to.
         flag_days: also a logit per region that its volume doubling time ``t ln 2 / ln(V1 / V0)`` is under
             this many days (lesions: 400, suspicious growth), trained as a classification target from the
             region's features, its state and ``P``'s change. A flag read off regressed volumes errs where
@@ -128,6 +130,7 @@ class ReadoutConfig:
     change_from_mean: bool = True
     state_unit: float = 1.0
     trust: Literal["checked", "full"] = "checked"
+    fallback: Literal["mlp", "graph"] = "mlp"
     flag_days: float | None = None
 
 
@@ -199,19 +202,27 @@ def graph_of(graph: GraphConfig) -> tuple[Tensor, list[str]]:
     raise ValueError(f"connectome must be 'dk84' or 'isolated', got {graph.connectome!r}")
 
 
-class GraphFreeFallback(nn.Module):
-    """``baseline``'s abstract path beside a frozen ``P``: its own fresh ``f`` and ``g`` (aligned, as the
-    variants without pretraining get) and a node-wise MLP of ``P``'s depth and width, all trainable.
-    ``change(abstract inputs (B*R, 1+P)) -> (B*R, 1)``: ``g(F(f(x))) - g(f(x))``."""
+class TrustFallback(nn.Module):
+    """What a frozen ``P`` falls back to as far as it is not trusted: the abstract path of a variant without
+    pretraining, with its own fresh ``f`` and ``g`` (aligned, as those variants get), all trainable. ``mlp``:
+    ``baseline``'s node-wise MLP of ``P``'s depth and width; ``graph``: ``scratch``'s fresh copy of ``P``'s
+    architecture on the connectome. ``change(abstract inputs (B*R, 1+P), graph) -> (B*R, 1)``:
+    ``g(F(f(x))) - g(f(x))``."""
 
-    def __init__(self, encoder: nn.Linear, decoder: nn.Linear, processor: Processor) -> None:
+    def __init__(self, encoder: nn.Linear, decoder: nn.Linear, processor: Processor, kind: str = "mlp") -> None:
         super().__init__()
+        if kind not in ("mlp", "graph"):
+            raise ValueError(f"readout.fallback must be 'mlp' or 'graph', got {kind!r}")
         self.encoder, self.decoder = aligned_random_pair(encoder, decoder)
-        self.processor = MLPProcessor(processor.hidden_dim, num_layers=processor.num_layers)
+        self.processor: Processor = (
+            reinitialise(processor)
+            if kind == "graph"
+            else MLPProcessor(processor.hidden_dim, num_layers=processor.num_layers)
+        )
 
-    def change(self, abstract: Tensor) -> Tensor:
+    def change(self, abstract: Tensor, **graph: Tensor) -> Tensor:
         z = self.encoder(abstract)
-        return self.decoder(self.processor(z)) - self.decoder(z)
+        return self.decoder(self.processor(z, **graph)) - self.decoder(z)
 
 
 class NaturalModel(nn.Module):
@@ -267,7 +278,7 @@ class NaturalModel(nn.Module):
         """The graph-free fallback of a frozen pretrained P and the trust in P (1 until the P check sets it).
         Drawn on a forked random state, so every other draw of the run is what it was without it."""
         self.register_buffer("trust", torch.ones(()))
-        self.fallback: GraphFreeFallback | None = None
+        self.fallback: TrustFallback | None = None
         if readout.trust not in ("checked", "full"):
             raise ValueError(f"readout.trust must be 'checked' or 'full', got {readout.trust!r}")
         # per-scan parameters of A (subject_params) are beyond the P check's one cohort value: no trust from it
@@ -278,7 +289,7 @@ class NaturalModel(nn.Module):
             and not self.subject_params
         ):
             with torch.random.fork_rng(devices=[]):
-                self.fallback = GraphFreeFallback(self.abstract_encoder, self.decoder, processor)
+                self.fallback = TrustFallback(self.abstract_encoder, self.decoder, processor, readout.fallback)
 
     def _build_flag_head(self, readout: ReadoutConfig) -> None:
         """The suspicious-growth logit (``readout.flag_days``), on a forked random state as the fallback."""
@@ -483,10 +494,14 @@ class NaturalModel(nn.Module):
         """f([x', p]) per region: states (B, R) and scaled parameters of A (B, P) -> latents (B*R, H)."""
         return self.abstract_encoder(self.abstract_inputs(state, params))
 
+    def batched_graph(self, num_subjects: int) -> dict[str, Tensor]:
+        """The connectome once per subject, as ``P``'s keyword arguments ``edge_index``, ``edge_weight``, ``batch``."""
+        edges, weights, batch = batch_graph(self.edge_index, self.edge_weight, self.num_regions, num_subjects)
+        return {"edge_index": edges, "edge_weight": weights, "batch": batch}
+
     def process(self, z: Tensor, num_subjects: int) -> Tensor:
         """P on the connectome of every subject. (B*R, H) -> (B*R, H)"""
-        edges, weights, batch = batch_graph(self.edge_index, self.edge_weight, self.num_regions, num_subjects)
-        return self.processor(z, edge_index=edges, edge_weight=weights, batch=batch)
+        return self.processor(z, **self.batched_graph(num_subjects))
 
     def forward(self, b: ScanBatch) -> dict[str, Tensor]:
         """Prediction (B, R, 2) of (baseline, follow-up); the estimated state, the readout g(z) and the voxels
@@ -498,8 +513,8 @@ class NaturalModel(nn.Module):
         now = self.decoder(z).reshape(bsz, self.num_regions)  # g(f'(x)): the current state (the readout)
         after = self.decoder(z_next).reshape(bsz, self.num_regions)  # g(P(f'(x))): the state at follow-up
         delta = after - now  # P's change of the state, (B, R)
-        if self.fallback is not None:  # as far as P is not trusted, the change of the graph-free fallback
-            moved = self.fallback.change(abstract).reshape(bsz, self.num_regions)  # node-wise: no graph
+        if self.fallback is not None:  # as far as P is not trusted, the change of the fallback
+            moved = self.fallback.change(abstract, **self.batched_graph(bsz)).reshape(bsz, self.num_regions)
             delta = self.trust * delta + (1 - self.trust) * moved
         gain = self.log_gain.exp()
         offset = self.covariate_decoder(cov).unsqueeze(1) + self.region_bias  # (B, R, 2), in training spreads

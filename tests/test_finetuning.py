@@ -27,14 +27,16 @@ def phantoms() -> BrainPhantomDataModule:
     return dm
 
 
-def _model(artifact: Path, variant: str, readout: str = "calibrated", trust: str = "checked") -> NaturalFinetuning:
+def _model(
+    artifact: Path, variant: str, readout: str = "calibrated", trust: str = "checked", fallback: str = "mlp"
+) -> NaturalFinetuning:
     torch.manual_seed(0)
     return NaturalFinetuning(
         processor_artifact=str(artifact),
         variant=variant,
         encoder=RegionCNN(widths=(2, 4, 4), out_channels=4),
         head={"hidden": 8},
-        readout={"kind": readout, "trust": trust},
+        readout={"kind": readout, "trust": trust, "fallback": fallback},
     )
 
 
@@ -315,6 +317,31 @@ def test_trusted_p_predicts_bit_identically_and_untrusted_p_is_not_heard(tiny_ar
     assert torch.equal(checked(batch)["prediction"], before)
     assert not torch.equal(full(batch)["prediction"], before)
     assert _model(tiny_artifact, "unfrozen").model.fallback is None  # P that learns needs no fallback
+
+
+def test_graph_fallback_is_a_fresh_p_on_the_connectome_and_the_mlp_one_is_node_wise(tiny_artifact: Path) -> None:
+    """``readout.fallback``: ``graph`` is ``scratch``'s path (P's architecture, fresh weights), so one
+    region's change follows its neighbours' states; ``mlp`` is ``baseline``'s, blind to them."""
+    changes = {}
+    for kind in ("mlp", "graph"):
+        model = _model(tiny_artifact, "rmr", fallback=kind).model
+        fallback, processor = model.fallback, model.processor
+        if kind == "graph":
+            assert type(fallback.processor) is type(processor)
+            assert not torch.equal(next(fallback.processor.parameters()), next(processor.parameters()))
+        params = torch.full((1, model.param_scale.numel()), 0.5)
+        state = torch.full((1, model.num_regions), 0.1)
+        moved = state.clone()
+        neighbour = int(model.edge_index[1, model.edge_index[0] == 0][0])  # a region with an edge to region 0
+        moved[0, neighbour] = 0.9
+        with torch.no_grad():
+            graph = model.batched_graph(1)
+            before = fallback.change(model.abstract_inputs(state, params), **graph)[0]
+            after = fallback.change(model.abstract_inputs(moved, params), **graph)[0]
+        changes[kind] = float((after - before).abs().max())  # region 0's change when a neighbour moves
+    assert changes["mlp"] == 0.0 and changes["graph"] > 1e-6
+    with pytest.raises(ValueError, match="readout.fallback"):
+        _model(tiny_artifact, "rmr", fallback="gnn")
 
 
 class _FixedEncoder(torch.nn.Module):

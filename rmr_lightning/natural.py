@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -202,6 +203,18 @@ def graph_of(graph: GraphConfig) -> tuple[Tensor, list[str]]:
     raise ValueError(f"connectome must be 'dk84' or 'isolated', got {graph.connectome!r}")
 
 
+def _default_flag_threshold(state_dict: dict, prefix: str, *args) -> None:
+    """A checkpoint written before the flag's operating point was kept: 0.5, said once on load."""
+    key = prefix + "flag_threshold"
+    if key not in state_dict and any(k.startswith(prefix + "flag_head.") for k in state_dict):
+        warnings.warn(
+            "the checkpoint has a suspicious-growth flag but no operating point chosen on validation "
+            "(written before it was kept); flagging at probability 0.5",
+            stacklevel=2,
+        )
+        state_dict[key] = torch.full((), 0.5)
+
+
 class TrustFallback(nn.Module):
     """What a frozen ``P`` falls back to as far as it is not trusted: the abstract path of a variant without
     pretraining, with its own fresh ``f`` and ``g`` (aligned, as those variants get), all trainable. ``mlp``:
@@ -300,6 +313,7 @@ class NaturalModel(nn.Module):
             # the operating point: the probability at which validation reaches 90 % specificity, set at each
             # validation, so the checkpoint chosen on validation carries the threshold of that validation
             self.register_buffer("flag_threshold", torch.full((), 0.5))
+            self._register_load_state_dict_pre_hook(_default_flag_threshold)
             first = self.state_head[0]  # the flag head is the state head's size, with two more inputs
             with torch.random.fork_rng(devices=[]):  # features, state now and P's change -> logit
                 self.flag_head = nn.Sequential(

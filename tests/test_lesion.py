@@ -291,6 +291,10 @@ def test_flag_operating_point_is_chosen_on_validation_and_travels_in_the_checkpo
     trainer.save_checkpoint(tmp_path / "flag.ckpt")
     saved = torch.load(tmp_path / "flag.ckpt", weights_only=True)["state_dict"]
     assert float(saved["model.flag_threshold"]) == threshold
+    older = _lesion_model(tiny_lesion_artifact, readout=readout)  # a checkpoint from before: 0.5, with a warning
+    with pytest.warns(UserWarning, match="no operating point"):
+        older.load_state_dict({k: v for k, v in saved.items() if k != "model.flag_threshold"})
+    assert float(older.model.flag_threshold) == 0.5
     results = trainer.test(model, dm, verbose=False)[0]
     prob, label = _flag_scores(model.eval(), dm.test_dataloader())
     flagged = prob >= threshold

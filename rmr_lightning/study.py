@@ -57,6 +57,8 @@ COLUMNS = [
     "test_flag_sensitivity",
     "val_flag_auroc",
     "val_flag_sensitivity",
+    "test_flag_sensitivity_at_threshold",
+    "test_flag_specificity_at_threshold",
 ]
 VARIANT_ORDER = ["rmr", "unfrozen", "scratch", "random_p", "baseline"]
 SUMMARY_FILES = (
@@ -202,6 +204,9 @@ def run_one(study: Study, variant: str, n_train: int, seed: int) -> dict:
             "test_flag_sensitivity": results.get("test/flag_sensitivity_at_90_specificity", math.nan),
             "val_flag_auroc": flag_val.get("val/flag_auroc", math.nan),
             "val_flag_sensitivity": flag_val.get("val/flag_sensitivity_at_90_specificity", math.nan),
+            # at the operating point the validation chose (what predictions.csv flags)
+            "test_flag_sensitivity_at_threshold": results.get("test/flag_sensitivity_at_threshold", math.nan),
+            "test_flag_specificity_at_threshold": results.get("test/flag_specificity_at_threshold", math.nan),
         }
     finally:
         if study.logger == "wandb":  # also after a failed run, or the worker's next run would join its W&B run

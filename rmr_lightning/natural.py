@@ -152,12 +152,13 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def reinitialise(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` with fresh random weights (every submodule's ``reset_parameters``)."""
+    """A trainable copy of ``module`` with fresh random weights (every submodule's ``reset_parameters``),
+    even where ``module`` is frozen (the fallback copies the frozen artifact's ``f``, ``P`` and ``g``)."""
     fresh = copy.deepcopy(module)
     for sub in fresh.modules():
         if hasattr(sub, "reset_parameters"):
             sub.reset_parameters()
-    return fresh
+    return fresh.requires_grad_(True).train()
 
 
 def aligned_random_pair(encoder: nn.Linear, decoder: nn.Linear) -> tuple[nn.Linear, nn.Linear]:

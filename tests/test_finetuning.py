@@ -326,6 +326,8 @@ def test_graph_fallback_is_a_fresh_p_on_the_connectome_and_the_mlp_one_is_node_w
     for kind in ("mlp", "graph"):
         model = _model(tiny_artifact, "rmr", fallback=kind).model
         fallback, processor = model.fallback, model.processor
+        # all of the fallback learns, though it is copied from the frozen artifact's f, P and g
+        assert all(param.requires_grad for param in fallback.parameters()) and fallback.training
         if kind == "graph":
             assert type(fallback.processor) is type(processor)
             assert not torch.equal(next(fallback.processor.parameters()), next(processor.parameters()))

@@ -119,8 +119,9 @@ class ReadoutConfig:
             ``t (g(P(z)) - g(z)) + (1 - t) (fallback's change)`` with the trust ``t`` set at the start of
             fit from the P check (``trust_from_r2``); ``full``: ``t = 1`` always, no fallback (also where
             ``subject_params`` are estimated per scan, which the check cannot follow).
-        fallback: ``mlp`` (``baseline``'s node-wise MLP) or ``graph`` (``scratch``'s fresh ``P`` on the
-            connectome): what an untrusted ``P`` hands the change to.
+        fallback: ``graph`` (``scratch``'s fresh ``P`` on the connectome) or ``mlp`` (``baseline``'s
+            node-wise MLP): what an untrusted ``P`` hands the change to. ``graph`` was better at trust 0 on
+            both phantom sets (docs/results/imperfect_p.md).
         flag_days: also a logit per region that its volume doubling time ``t ln 2 / ln(V1 / V0)`` is under
             this many days (lesions: 400, suspicious growth), trained as a classification target from the
             region's features, its state and ``P``'s change. A flag read off regressed volumes errs where
@@ -131,7 +132,7 @@ class ReadoutConfig:
     change_from_mean: bool = True
     state_unit: float = 1.0
     trust: Literal["checked", "full"] = "checked"
-    fallback: Literal["mlp", "graph"] = "mlp"
+    fallback: Literal["mlp", "graph"] = "graph"
     flag_days: float | None = None
 
 

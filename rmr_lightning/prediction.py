@@ -181,17 +181,16 @@ class GrowthPredictionWriter(RegionalPredictionWriter):
                 ax.set_yscale("log")
             ax.set_xlabel(f"years from baseline ({days:.0f} d to follow-up)")
             ax.set_ylabel(f"{r} volume ({self.unit})")
-            flag = "suspicious" if row[f"{r}_suspicious"] else "not suspicious"
-            if f"{r}_flag_probability" in row:
-                flag = f"flag p = {row[f'{r}_flag_probability']:.2f}: {flag}"
+            verdict = "suspicious" if row[f"{r}_suspicious"] else "not suspicious"
             if math.isfinite(vdt):
-                title = f"VDT {vdt:.0f} d: {flag}"
+                growth = f"VDT {vdt:.0f} d"
             else:  # inf: no growth; NaN: a volume predicted at or below zero
-                title = (
-                    "no growth predicted: not suspicious"
-                    if math.isinf(vdt)
-                    else "volume predicted <= 0: no doubling time"
-                )
+                growth = "no growth predicted" if math.isinf(vdt) else "volume predicted <= 0, no doubling time"
+            if f"{r}_flag_probability" in row:  # the flag head decides, at the validation's operating point
+                flag = f"flag p = {row[f'{r}_flag_probability']:.2f} (operating point {row['flag_threshold']:.2f})"
+                title = f"{growth}\n{flag}: {verdict}"
+            else:
+                title = f"{growth}: {verdict}"
             ax.set_title(title, fontsize=10)
             ax.legend(loc="upper left", fontsize=8)
         fig.suptitle(f"subject {row['subject_id']}")

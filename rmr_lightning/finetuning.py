@@ -184,8 +184,12 @@ class NaturalFinetuning(L.LightningModule):
         return self.model(b)
 
     # ---- standardisation -------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        """Measure covariate and target statistics on the training set once (kept in checkpoints)."""
+    def setup(self, stage: str) -> None:
+        """Before fitting: covariate and target statistics of the training set, measured once (kept in
+        checkpoints), and the P check. Here, before Lightning builds the optimiser and wraps the model for
+        DDP, because the check decides which parameters learn (``NaturalModel.set_trust``)."""
+        if stage != "fit":
+            return
         datamodule = self.trainer.datamodule
         algorithm = datamodule.algorithm if isinstance(datamodule, HasAlgorithm) else None  # phantoms know their A
         self._warn_other_algorithm(algorithm)
@@ -224,7 +228,7 @@ class NaturalFinetuning(L.LightningModule):
             )
         elif self.model.fallback is not None:
             trust = trust_from_r2(self.processor_check.r2)
-            self.model.trust.fill_(trust)
+            self.model.set_trust(trust)
             metrics["p_check/trust"] = trust
             kind = "graph" if self.model.readout_config.fallback == "graph" else "graph-free"
             text += f"; trust in frozen P {trust:.2f}, the rest from a {kind} fallback"

@@ -217,6 +217,11 @@ def _default_flag_threshold(state_dict: dict, prefix: str, *args) -> None:
         state_dict[key] = torch.full((), 0.5)
 
 
+def _apply_loaded_trust(module: nn.Module, incompatible_keys: object) -> None:
+    """After a checkpoint is loaded: the fallback runs and learns as its stored trust says."""
+    module.set_trust(float(module.trust))
+
+
 class TrustFallback(nn.Module):
     """What a frozen ``P`` falls back to as far as it is not trusted: the abstract path of a variant without
     pretraining, with its own fresh ``f`` and ``g`` (aligned, as those variants get), all trainable. ``mlp``:
@@ -290,9 +295,11 @@ class NaturalModel(nn.Module):
         self._build_flag_head(readout)
 
     def _build_fallback(self, processor: Processor, readout: ReadoutConfig) -> None:
-        """The graph-free fallback of a frozen pretrained P and the trust in P (1 until the P check sets it).
-        Drawn on a forked random state, so every other draw of the run is what it was without it."""
+        """The fallback of a frozen pretrained P and the trust in P (1 until the P check sets it). Drawn on a
+        forked random state, so every other draw of the run is what it was without it. At trust 1 it is
+        frozen and skipped (``set_trust``): no compute, and no parameters DDP would wait on in vain."""
         self.register_buffer("trust", torch.ones(()))
+        self.fallback_active = False  # a Python flag, so the forward needs no device sync to skip it
         self.fallback: TrustFallback | None = None
         if readout.trust not in ("checked", "full"):
             raise ValueError(f"readout.trust must be 'checked' or 'full', got {readout.trust!r}")
@@ -305,6 +312,16 @@ class NaturalModel(nn.Module):
         ):
             with torch.random.fork_rng(devices=[]):
                 self.fallback = TrustFallback(self.abstract_encoder, self.decoder, processor, readout.fallback)
+            self.fallback.requires_grad_(False)
+            self.register_load_state_dict_post_hook(_apply_loaded_trust)
+
+    def set_trust(self, trust: float) -> None:
+        """The trust in frozen P (``trust_from_r2``): below 1 the fallback learns and takes ``1 - trust`` of the
+        change; at 1 it is frozen and not run. Set before the optimiser and DDP see the parameters."""
+        self.trust.fill_(trust)
+        if self.fallback is not None:
+            self.fallback_active = trust < 1.0
+            self.fallback.requires_grad_(self.fallback_active)
 
     def _build_flag_head(self, readout: ReadoutConfig) -> None:
         """The suspicious-growth logit (``readout.flag_days``), on a forked random state as the fallback."""
@@ -529,7 +546,7 @@ class NaturalModel(nn.Module):
         now = self.decoder(z).reshape(bsz, self.num_regions)  # g(f'(x)): the current state (the readout)
         after = self.decoder(z_next).reshape(bsz, self.num_regions)  # g(P(f'(x))): the state at follow-up
         delta = after - now  # P's change of the state, (B, R)
-        if self.fallback is not None:  # as far as P is not trusted, the change of the fallback
+        if self.fallback is not None and self.fallback_active:  # as far as P is not trusted, the fallback's change
             moved = self.fallback.change(abstract, **self.batched_graph(bsz)).reshape(bsz, self.num_regions)
             delta = self.trust * delta + (1 - self.trust) * moved
         gain = self.log_gain.exp()

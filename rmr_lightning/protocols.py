@@ -12,7 +12,7 @@ back where the capability is optional. What the project's datamodules provide:
 
 Who asks: the CLI links ``HasAbstractSpec`` into the pretraining module's ``abstract_spec`` and
 ``HasCovariates`` into the fine-tuning module's ``covariate_names``; ``ProcessorPretraining`` names its test
-sets by ``HasTestNames``; ``NaturalFinetuning.on_fit_start`` calibrates from ``HasTrainTable`` (else one pass
+sets by ``HasTestNames``; ``NaturalFinetuning.setup`` calibrates from ``HasTrainTable`` (else one pass
 over the training loader) and warns when ``HasAlgorithm``'s A differs from the one ``P`` was pretrained on.
 """
 

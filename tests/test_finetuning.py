@@ -309,7 +309,9 @@ def test_trusted_p_predicts_bit_identically_and_untrusted_p_is_not_heard(tiny_ar
     assert full.model.fallback is None and checked.model.fallback is not None
     assert torch.equal(after_full, after_checked)  # the global random state is left as it was
     assert torch.equal(full(batch)["prediction"], checked(batch)["prediction"])
-    checked.model.trust.fill_(0.0)
+    assert not checked.model.fallback_active  # trusted P: the fallback is neither run nor trained
+    assert not any(param.requires_grad for param in checked.model.fallback.parameters())
+    checked.model.set_trust(0.0)
     before = checked(batch)["prediction"]
     with torch.no_grad():
         for param in checked.model.processor.parameters():
@@ -319,6 +321,30 @@ def test_trusted_p_predicts_bit_identically_and_untrusted_p_is_not_heard(tiny_ar
     assert _model(tiny_artifact, "unfrozen").model.fallback is None  # P that learns needs no fallback
 
 
+@pytest.mark.parametrize("trust", [0.0, 1.0])
+def test_the_fit_trains_the_fallback_only_below_full_trust(
+    trust: float, tiny_artifact: Path, phantoms, tmp_path: Path, monkeypatch
+) -> None:
+    """The P check runs before the optimiser is built: below trust 1 the fallback is in it and learns; at 1
+    it is frozen, left out and not run. A checkpoint restores the setting with the trust."""
+    import rmr_lightning.finetuning as finetuning
+
+    monkeypatch.setattr(finetuning, "trust_from_r2", lambda r2: trust)
+    model = _model(tiny_artifact, "rmr")
+    before = {k: v.clone() for k, v in model.model.fallback.state_dict().items()}
+    trainer = _trainer(tmp_path, steps=2)
+    trainer.fit(model, datamodule=phantoms)
+    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    in_optimiser = {id(p) in optimised for p in model.model.fallback.parameters()}
+    moved = any(not torch.equal(before[k], v) for k, v in model.model.fallback.state_dict().items())
+    assert float(model.model.trust) == trust and model.model.fallback_active == (trust < 1)
+    assert in_optimiser == {trust < 1} and moved == (trust < 1)
+    trainer.save_checkpoint(tmp_path / "trust.ckpt")
+    loaded = _model(tiny_artifact, "rmr")
+    loaded.load_state_dict(torch.load(tmp_path / "trust.ckpt", weights_only=True)["state_dict"])
+    assert loaded.model.fallback_active == (trust < 1)
+
+
 def test_graph_fallback_is_a_fresh_p_on_the_connectome_and_the_mlp_one_is_node_wise(tiny_artifact: Path) -> None:
     """``readout.fallback``: ``graph`` is ``scratch``'s path (P's architecture, fresh weights), so one
     region's change follows its neighbours' states; ``mlp`` is ``baseline``'s, blind to them."""
@@ -326,7 +352,8 @@ def test_graph_fallback_is_a_fresh_p_on_the_connectome_and_the_mlp_one_is_node_w
     for kind in ("mlp", "graph"):
         model = _model(tiny_artifact, "rmr", fallback=kind).model
         fallback, processor = model.fallback, model.processor
-        # all of the fallback learns, though it is copied from the frozen artifact's f, P and g
+        # below trust 1 all of the fallback learns, though it is copied from the frozen artifact's f, P and g
+        model.set_trust(0.5)
         assert all(param.requires_grad for param in fallback.parameters()) and fallback.training
         if kind == "graph":
             assert type(fallback.processor) is type(processor)

@@ -303,7 +303,7 @@ class NaturalFinetuning(L.LightningModule):
             metrics["mae_followup"].update(pred[..., 1][follow], target[..., 1][follow])
             self.log(f"{stage}/mae_followup", metrics["mae_followup"], **log)
         if "flag_label" in out:
-            growing = torch.isfinite(target).all(-1) & (target > 0).all(-1)
+            growing = out["flag_known"]  # nodules with both volumes positive, as the loss used
             probability, label = torch.sigmoid(out["flag_logit"].detach()[growing]), out["flag_label"][growing].long()
             for name in ("flag_auroc", "flag_sensitivity"):
                 metrics[name].update(probability, label)

@@ -546,7 +546,7 @@ class NaturalModel(nn.Module):
         now = self.decoder(z).reshape(bsz, self.num_regions)  # g(f'(x)): the current state (the readout)
         after = self.decoder(z_next).reshape(bsz, self.num_regions)  # g(P(f'(x))): the state at follow-up
         delta = after - now  # P's change of the state, (B, R)
-        if self.fallback is not None and self.fallback_active:  # as far as P is not trusted, the fallback's change
+        if self.fallback_active:  # as far as P is not trusted, the fallback's change (set_trust: only with one)
             moved = self.fallback.change(abstract, **self.batched_graph(bsz)).reshape(bsz, self.num_regions)
             delta = self.trust * delta + (1 - self.trust) * moved
         gain = self.log_gain.exp()
